@@ -1,0 +1,8 @@
+// Umbrella header of the absparse C++ API.
+#pragma once
+
+#include "absparse/decode.h"
+#include "absparse/error.h"
+#include "absparse/layout.h"
+#include "absparse/numeric.h"
+#include "absparse/quantize.h"

@@ -1,0 +1,20 @@
+"""absparse: adaptive block-sparse attention for long-context LLM decoding.
+
+The decode pipeline (``docs/decode.md``): ``update_centroids`` -> ``select_blocks`` ->
+``sparse_decode``; ``dense_decode`` is the full-attention baseline. ``LayerLayout`` / ``ModelLayout``
+describe per-head block sizes and summary storage.
+"""
+from pathlib import Path as _Path
+
+from . import _C
+from .layout import LayerLayout, ModelLayout
+from .ops import (default_max_blocks, dense_decode, dequantize, quantize, select_blocks,
+                  sparse_decode, update_centroids)
+
+__version__ = _C.__version__
+
+#: Prefix for CMake's ``find_package(absparse)``: ``-DCMAKE_PREFIX_PATH=<absparse.cmake_prefix_path>``.
+cmake_prefix_path = str(_Path(__file__).resolve().parent)
+
+__all__ = ["LayerLayout", "ModelLayout", "update_centroids", "select_blocks", "sparse_decode",
+           "dense_decode", "quantize", "dequantize", "default_max_blocks", "cmake_prefix_path"]

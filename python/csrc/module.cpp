@@ -1,0 +1,17 @@
+// absparse._C: the module only lists registrations; each op family binds itself in its own file.
+#include <pybind11/pybind11.h>
+
+namespace absparse::py_binding {
+void register_layout(pybind11::module_& m);
+void register_quantize(pybind11::module_& m);
+void register_decode(pybind11::module_& m);
+}  // namespace absparse::py_binding
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "absparse native extension (torch-free; tensors cross as pointers, shapes and strides)";
+  m.attr("__version__") = ABSPARSE_VERSION_STRING;
+  m.attr("has_cuda") = false;
+  absparse::py_binding::register_layout(m);
+  absparse::py_binding::register_quantize(m);
+  absparse::py_binding::register_decode(m);
+}
