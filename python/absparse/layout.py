@@ -143,7 +143,7 @@ class ModelLayout:
     Example
     -------
     >>> m = ModelLayout([None, LayerLayout([16, 32], 64)], meta={"model": "demo"})
-    >>> m.save("/tmp/layout.json"); ModelLayout.load("/tmp/layout.json") == m
+    >>> m.save("layout.json"); ModelLayout.load("layout.json") == m
     True
     """
 
