@@ -49,13 +49,22 @@ std::string TensorView::device_string() const {
   return is_cuda ? "cuda:" + std::to_string(device_index) : "cpu";
 }
 
+// Reads one tensor through the CPython API with interned attribute names: this runs for every
+// tensor of every call, so it avoids pybind11's per-access string creation and casts (the host
+// overhead of a call is measured in bench/host_overhead.py).
 TensorView tensor_arg(py::handle obj, const char* function, const char* name) {
+  static PyObject* const kDtype = PyUnicode_InternFromString("dtype");
+  static PyObject* const kShape = PyUnicode_InternFromString("shape");
+  static PyObject* const kStride = PyUnicode_InternFromString("stride");
+  static PyObject* const kDataPtr = PyUnicode_InternFromString("data_ptr");
+  static PyObject* const kIsCuda = PyUnicode_InternFromString("is_cuda");
   const TorchHandles& torch = torch_handles();
   ABSPARSE_CHECK_ARG(py::isinstance(obj, torch.tensor_type), function, name,
                      ": expected a torch.Tensor, got ",
                      std::string(py::str(py::type::handle_of(obj).attr("__name__"))));
   TensorView t;
-  py::object dtype = obj.attr("dtype");
+  py::object dtype = py::reinterpret_steal<py::object>(PyObject_GetAttr(obj.ptr(), kDtype));
+  if (!dtype) throw py::error_already_set();
   bool known = false;
   for (int i = 0; i < 6; ++i) {
     if (dtype.is(torch.dtypes[i])) {
@@ -66,18 +75,26 @@ TensorView tensor_arg(py::handle obj, const char* function, const char* name) {
   }
   ABSPARSE_CHECK_ARG(known, function, name, ": unsupported dtype ", std::string(py::str(dtype)),
                      " (absparse uses float32, float16, bfloat16, int32, int8, uint8)");
-  py::tuple shape = obj.attr("shape");
-  t.ndim = static_cast<int>(shape.size());
+  py::object shape = py::reinterpret_steal<py::object>(PyObject_GetAttr(obj.ptr(), kShape));
+  py::object strides =
+      py::reinterpret_steal<py::object>(PyObject_CallMethodNoArgs(obj.ptr(), kStride));
+  if (!shape || !strides || !PyTuple_Check(shape.ptr()) || !PyTuple_Check(strides.ptr())) {
+    throw py::error_already_set();
+  }
+  t.ndim = static_cast<int>(PyTuple_GET_SIZE(shape.ptr()));
   ABSPARSE_CHECK_ARG(t.ndim <= kMaxDims, function, name, ": expected at most ", kMaxDims,
                      " dimensions, got ", t.ndim);
-  py::tuple strides = obj.attr("stride")();
   for (int i = 0; i < t.ndim; ++i) {
-    t.shape[i] = shape[i].cast<int64_t>();
-    t.strides[i] = strides[i].cast<int64_t>();
+    t.shape[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape.ptr(), i));
+    t.strides[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(strides.ptr(), i));
   }
-  t.data = reinterpret_cast<void*>(obj.attr("data_ptr")().cast<uintptr_t>());
-  t.is_cuda = obj.attr("is_cuda").cast<bool>();
+  py::object ptr = py::reinterpret_steal<py::object>(PyObject_CallMethodNoArgs(obj.ptr(), kDataPtr));
+  py::object is_cuda = py::reinterpret_steal<py::object>(PyObject_GetAttr(obj.ptr(), kIsCuda));
+  if (!ptr || !is_cuda) throw py::error_already_set();
+  t.data = PyLong_AsVoidPtr(ptr.ptr());
+  t.is_cuda = is_cuda.ptr() == Py_True;
   t.device_index = t.is_cuda ? obj.attr("get_device")().cast<int>() : -1;
+  if (PyErr_Occurred()) throw py::error_already_set();
   return t;
 }
 
