@@ -74,7 +74,7 @@ void decode_attention_cpu(const DecodeAttentionParams& p) {
         const int64_t out_at = b * p.out_stride_batch + qh * p.out_stride_head;
         const bool empty = tokens.empty();
         for (int32_t d = 0; d < dim; ++d) {
-          store_float(p.out, out_at + d, p.dtype, empty ? 0.0f : static_cast<float>(acc[d] / total));
+          store_double(p.out, out_at + d, p.dtype, empty ? 0.0 : acc[d] / total);
         }
         if (p.lse) {
           p.lse[b * p.lse_stride_batch + qh * p.lse_stride_head] =

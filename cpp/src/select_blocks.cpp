@@ -12,9 +12,10 @@
 namespace absparse {
 
 namespace {
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// ceil(a / b) for a >= 0, b > 0, without overflow near INT64_MAX.
+int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
 // Floor division that is correct for negative numerators (C++ '/' truncates toward zero).
-int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -ceil_div(-a, b); }
+int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a) / b + ((-a) % b != 0)); }
 }  // namespace
 
 SelectionPlan plan_selection(int64_t seq_len, int32_t block_size, int64_t budget_tokens,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
@@ -13,6 +14,13 @@ __all__ = ["LayerLayout", "ModelLayout"]
 
 _SUMMARY_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                    "int8": torch.int8, "uint8": torch.uint8}
+
+
+def _int32(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not (
+            -2 ** 31 <= value < 2 ** 31):
+        raise ValueError(f"LayerLayout: {name}: expected an int32 integer, got {value!r}")
+    return int(value)
 
 
 def _channel_tensor(value, name: str, num_kv_heads: int) -> Optional[torch.Tensor]:
@@ -57,8 +65,9 @@ class LayerLayout:
                  channel_zero=None):
         if isinstance(block_sizes, torch.Tensor):
             block_sizes = block_sizes.tolist()
-        sizes = [int(b) for b in block_sizes]
-        self._native = _C.LayerLayout(sizes, int(page_size), str(summary), str(format))
+        sizes = [_int32(b, f"block_sizes[{i}]") for i, b in enumerate(block_sizes)]
+        self._native = _C.LayerLayout(sizes, _int32(page_size, "page_size"), str(summary),
+                                      str(format))
         self.block_sizes = torch.tensor(sizes, dtype=torch.int32)
         self.slot_offsets = torch.tensor(self._native.slot_offsets, dtype=torch.int32)
         self.channel_scale = _channel_tensor(channel_scale, "channel_scale", len(sizes))

@@ -22,6 +22,17 @@ _CODE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
                 "int8": torch.int8, "int4": torch.uint8, "int8c": torch.uint8, "int4c": torch.uint8}
 
 
+# Counts above this are "unbounded": every sequence length fits in int32, so clamping keeps the
+# meaning while staying far from int64 overflow in the native layer.
+_UNBOUNDED = 2 ** 62
+
+
+def _tensor(x, fn: str, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{fn}: {name}: expected a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
 def _check_layout(layout, fn: str) -> LayerLayout:
     if not isinstance(layout, LayerLayout):
         raise ValueError(f"{fn}: layout: expected an absparse.LayerLayout, got {type(layout).__name__}")
@@ -47,7 +58,7 @@ def _budget(token_budget) -> Tuple[int, float]:
         if token_budget < 0:
             raise ValueError(f"select_blocks: token_budget: expected a token count >= 0, got "
                              f"{token_budget}")
-        return int(token_budget), 0.0
+        return min(int(token_budget), _UNBOUNDED), 0.0
     if not 0.0 < token_budget < 1.0:
         raise ValueError(f"select_blocks: token_budget: a float budget is a fraction of the context "
                          f"and must lie in (0, 1) (pass an int for a token count), got {token_budget!r}")
@@ -57,13 +68,13 @@ def _budget(token_budget) -> Tuple[int, float]:
 def _non_negative_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(f"select_blocks: {name}: expected an int >= 0, got {value!r}")
-    return int(value)
+    return min(int(value), _UNBOUNDED)
 
 
 def default_max_blocks(page_table: torch.Tensor, layout: LayerLayout) -> int:
     """Capacity that fits any length the page table can hold: ceil(max_pages * P / min bs)."""
     min_bs = int(layout.block_sizes.min())
-    return max(1, -(-page_table.shape[-1] * layout.page_size // min_bs))
+    return -(-page_table.shape[-1] * layout.page_size // min_bs)
 
 
 def update_centroids(k_cache: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,
@@ -91,6 +102,7 @@ def update_centroids(k_cache: torch.Tensor, page_table: torch.Tensor, seq_lens: 
     True
     """
     layout = _check_layout(layout, "update_centroids")
+    _tensor(summaries, "update_centroids", "summaries")
     channel_scale, channel_zero = layout.channel_params(summaries.device)
     _C.update_centroids(k_cache, page_table, seq_lens, start_pos, layout._native, summaries,
                         scales, channel_scale, channel_zero)
@@ -132,6 +144,8 @@ def select_blocks(q: torch.Tensor, summaries: torch.Tensor, scales: Optional[tor
     [[4, 2]]
     """
     layout = _check_layout(layout, "select_blocks")
+    _tensor(q, "select_blocks", "q")
+    _tensor(page_table, "select_blocks", "page_table")
     budget_tokens, budget_fraction = _budget(token_budget)
     sink_tokens = _non_negative_int(sink_tokens, "sink_tokens")
     local_tokens = _non_negative_int(local_tokens, "local_tokens")
@@ -139,9 +153,11 @@ def select_blocks(q: torch.Tensor, summaries: torch.Tensor, scales: Optional[tor
         raise ValueError(f"select_blocks: group_reduce: expected 'max' or 'softmax_sum', got "
                          f"{group_reduce!r}")
     if max_blocks is None:
-        max_blocks = default_max_blocks(page_table, layout) if page_table.dim() == 2 else 1
-    elif isinstance(max_blocks, bool) or not isinstance(max_blocks, numbers.Integral) or max_blocks < 0:
-        raise ValueError(f"select_blocks: max_blocks: expected an int >= 0, got {max_blocks!r}")
+        max_blocks = default_max_blocks(page_table, layout) if page_table.dim() == 2 else 0
+    elif (isinstance(max_blocks, bool) or not isinstance(max_blocks, numbers.Integral)
+          or not 0 <= max_blocks < 2 ** 31):
+        raise ValueError(f"select_blocks: max_blocks: expected an int in [0, 2^31), got "
+                         f"{max_blocks!r}")
     scale = _default_scale(q, scale, "select_blocks")
     batch = q.shape[0] if q.dim() == 3 else 0
     hk = layout.num_kv_heads
@@ -191,6 +207,7 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     >>> torch.allclose(out, dense_decode(q, k, v, pt, L), atol=1e-6)   # blocks 0 + tail = all
     True
     """
+    _tensor(q, "sparse_decode", "q")
     if isinstance(block_sizes, LayerLayout):
         block_sizes = block_sizes.block_sizes
     if not isinstance(block_sizes, torch.Tensor):
@@ -219,6 +236,7 @@ def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     >>> torch.allclose(out[0], ref, atol=1e-5)
     True
     """
+    _tensor(q, "dense_decode", "q")
     scale = _default_scale(q, scale, "dense_decode")
     out, lse = _attention_out(q, out, return_lse)
     _C.decode_attention(q, k_cache, v_cache, page_table, seq_lens, None, None, None, scale, out,

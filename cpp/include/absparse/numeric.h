@@ -91,4 +91,23 @@ inline void store_float(void* base, int64_t i, DType t, float v) {
   }
 }
 
+// float64 -> float32 rounded to odd (truncate, then set the last bit if inexact). Rounding that
+// float32 to fp16/bf16 (<= 11 significant bits, 13+ fewer than float32) then equals rounding the
+// float64 value directly: the classic fix for double rounding.
+inline float round_to_odd_float(double v) {
+  float f = static_cast<float>(v);
+  if (static_cast<double>(f) == v || std::isnan(v) || std::isinf(f)) return f;
+  if (std::fabs(static_cast<double>(f)) > std::fabs(v)) f = std::nextafter(f, 0.0f);
+  return bits_float(float_bits(f) | 1u);
+}
+
+// Stores a float64 value as element i of a float tensor of dtype t, rounded once (to nearest even).
+inline void store_double(void* base, int64_t i, DType t, double v) {
+  if (t == DType::kFloat32) {
+    static_cast<float*>(base)[i] = static_cast<float>(v);
+  } else {
+    store_float(base, i, t, round_to_odd_float(v));
+  }
+}
+
 }  // namespace absparse
