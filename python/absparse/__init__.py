@@ -7,6 +7,8 @@ describe per-head block sizes and summary storage.
 from pathlib import Path as _Path
 
 from . import _C
+from .calibration import (allocate_block_sizes, describe_layout, head_recall,
+                          layout_from_allocation, uniform_block_sizes)
 from .layout import LayerLayout, ModelLayout
 from .ops import (default_max_blocks, dense_decode, dequantize, quantize, select_blocks,
                   sparse_decode, update_centroids)
@@ -14,7 +16,10 @@ from .ops import (default_max_blocks, dense_decode, dequantize, quantize, select
 __version__ = _C.__version__
 
 #: Prefix for CMake's ``find_package(absparse)``: ``-DCMAKE_PREFIX_PATH=<absparse.cmake_prefix_path>``.
-cmake_prefix_path = str(_Path(__file__).resolve().parent)
+#: The CMake package is installed beside the extension (right for editable installs too).
+cmake_prefix_path = str(_Path(_C.__file__).resolve().parent)
 
 __all__ = ["LayerLayout", "ModelLayout", "update_centroids", "select_blocks", "sparse_decode",
-           "dense_decode", "quantize", "dequantize", "default_max_blocks", "cmake_prefix_path"]
+           "dense_decode", "quantize", "dequantize", "default_max_blocks", "cmake_prefix_path",
+           "head_recall", "allocate_block_sizes", "uniform_block_sizes", "layout_from_allocation",
+           "describe_layout"]

@@ -69,6 +69,7 @@ class LayerLayout:
         self._native = _C.LayerLayout(sizes, _int32(page_size, "page_size"), str(summary),
                                       str(format))
         self.block_sizes = torch.tensor(sizes, dtype=torch.int32)
+        self.min_block_size = min(sizes)
         self.slot_offsets = torch.tensor(self._native.slot_offsets, dtype=torch.int32)
         self.channel_scale = _channel_tensor(channel_scale, "channel_scale", len(sizes))
         self.channel_zero = _channel_tensor(channel_zero, "channel_zero", len(sizes))

@@ -73,8 +73,7 @@ def _non_negative_int(value, name: str) -> int:
 
 def default_max_blocks(page_table: torch.Tensor, layout: LayerLayout) -> int:
     """Capacity that fits any length the page table can hold: ceil(max_pages * P / min bs)."""
-    min_bs = int(layout.block_sizes.min())
-    return -(-page_table.shape[-1] * layout.page_size // min_bs)
+    return -(-page_table.shape[-1] * layout.page_size // layout.min_block_size)
 
 
 def update_centroids(k_cache: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,

@@ -5,6 +5,7 @@ namespace absparse::py_binding {
 void register_layout(pybind11::module_& m);
 void register_quantize(pybind11::module_& m);
 void register_decode(pybind11::module_& m);
+void register_calibration(pybind11::module_& m);
 }  // namespace absparse::py_binding
 
 PYBIND11_MODULE(_C, m) {
@@ -14,4 +15,5 @@ PYBIND11_MODULE(_C, m) {
   absparse::py_binding::register_layout(m);
   absparse::py_binding::register_quantize(m);
   absparse::py_binding::register_decode(m);
+  absparse::py_binding::register_calibration(m);
 }
