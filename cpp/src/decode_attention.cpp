@@ -1,5 +1,9 @@
 // sparse_decode and dense_decode on the CPU: one query token per sequence attends to the tokens
 // of its attended set A (docs/decode.md, "Sparse attention"), in float64.
+//
+// Per (sequence, KV head) the G query heads of the group are processed together: every key and
+// value row is converted to float64 once and used by all G heads (the CPU analogue of the GPU's
+// shared KV read). Softmax is two-pass: logits and their maximum, then exp-weights and sums.
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -7,21 +11,59 @@
 #include "absparse/decode.h"
 
 namespace absparse {
+namespace {
+
+// Converts `dim` contiguous elements of a float tensor to float64.
+template <DType kType>
+void load_row(const void* base, int64_t offset, int32_t dim, double* out) {
+  for (int32_t d = 0; d < dim; ++d) out[d] = load_float(base, offset + d, kType);
+}
+
+using LoadRow = void (*)(const void*, int64_t, int32_t, double*);
+
+LoadRow row_loader(DType t) {
+  switch (t) {
+    case DType::kFloat16: return &load_row<DType::kFloat16>;
+    case DType::kBFloat16: return &load_row<DType::kBFloat16>;
+    default: return &load_row<DType::kFloat32>;
+  }
+}
+
+// Dot product with four independent partial sums (fixed order: the result is deterministic).
+double dot(const double* a, const double* b, int32_t dim) {
+  double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+  for (int32_t d = 0; d < dim; d += 4) {  // dim is a multiple of 8
+    s0 += a[d] * b[d];
+    s1 += a[d + 1] * b[d + 1];
+    s2 += a[d + 2] * b[d + 2];
+    s3 += a[d + 3] * b[d + 3];
+  }
+  return (s0 + s1) + (s2 + s3);
+}
+
+}  // namespace
 
 void decode_attention_cpu(const DecodeAttentionParams& p) {
   check_decode_attention(p);
   const BatchGeometry& g = p.geometry;
   const int32_t dim = g.head_dim;
   const int32_t group = p.num_q_heads / g.num_kv_heads;
+  const LoadRow load = row_loader(p.dtype);
 
-  std::vector<int64_t> tokens;   // attended token positions of one (sequence, KV head)
-  std::vector<double> query(dim);
-  std::vector<double> logits;
-  std::vector<double> acc(dim);
+  std::vector<int64_t> tokens;                 // attended positions of one (sequence, KV head)
+  std::vector<double> queries(static_cast<size_t>(group) * dim);  // [G, D]
+  std::vector<double> row(dim);                // one key or value row
+  std::vector<double> logits;                  // [G, |A|]
+  std::vector<double> peaks(group), totals(group);
+  std::vector<double> acc(static_cast<size_t>(group) * dim);      // [G, D]
 
   for (int32_t b = 0; b < g.batch; ++b) {
     const int64_t len = g.seq_lens[b * g.seq_lens_stride];
     const int32_t* pages = g.page_table + b * g.page_table_stride_batch;
+    auto row_offset = [&](const PagedCacheView& cache, int64_t t, int32_t h) {
+      return pages[(t / g.page_size) * g.page_table_stride_page] * cache.stride_page +
+             (t % g.page_size) * cache.stride_token + h * cache.stride_head;
+    };
     for (int32_t h = 0; h < g.num_kv_heads; ++h) {
       // Attended set: every token (dense), or the listed blocks plus the partial tail (sparse).
       tokens.clear();
@@ -39,47 +81,46 @@ void decode_attention_cpu(const DecodeAttentionParams& p) {
         tail_begin = (len / bs) * bs;
       }
       for (int64_t t = tail_begin; t < len; ++t) tokens.push_back(t);
+      const size_t n = tokens.size();
 
       for (int32_t i = 0; i < group; ++i) {
+        load(p.q, b * p.q_stride_batch + (h * group + i) * p.q_stride_head, dim,
+             queries.data() + static_cast<size_t>(i) * dim);
+      }
+      // Pass 1: logits [G, n] and their maximum per head (a NaN logit propagates to the output).
+      logits.resize(static_cast<size_t>(group) * n);
+      std::fill(peaks.begin(), peaks.end(), -std::numeric_limits<double>::infinity());
+      for (size_t k = 0; k < n; ++k) {
+        load(p.k_cache.data, row_offset(p.k_cache, tokens[k], h), dim, row.data());
+        for (int32_t i = 0; i < group; ++i) {
+          const double l = p.scale * dot(queries.data() + static_cast<size_t>(i) * dim, row.data(), dim);
+          logits[i * n + k] = l;
+          peaks[i] = std::max(peaks[i], l);
+        }
+      }
+      // Pass 2: weights exp(l - peak), their sums, and the weighted sums of value rows.
+      std::fill(acc.begin(), acc.end(), 0.0);
+      std::fill(totals.begin(), totals.end(), 0.0);
+      for (size_t k = 0; k < n; ++k) {
+        load(p.v_cache.data, row_offset(p.v_cache, tokens[k], h), dim, row.data());
+        for (int32_t i = 0; i < group; ++i) {
+          const double w = std::exp(logits[i * n + k] - peaks[i]);
+          totals[i] += w;
+          double* a = acc.data() + static_cast<size_t>(i) * dim;
+          for (int32_t d = 0; d < dim; ++d) a[d] += w * row[d];
+        }
+      }
+      for (int32_t i = 0; i < group; ++i) {
         const int32_t qh = h * group + i;
-        const int64_t q_at = b * p.q_stride_batch + qh * p.q_stride_head;
-        for (int32_t d = 0; d < dim; ++d) query[d] = load_float(p.q, q_at + d, p.dtype);
-        // Pass 1: logits and their maximum (for a stable softmax).
-        logits.resize(tokens.size());
-        double peak = -std::numeric_limits<double>::infinity();
-        for (size_t n = 0; n < tokens.size(); ++n) {
-          const int64_t t = tokens[n];
-          const int64_t k_at = pages[(t / g.page_size) * g.page_table_stride_page] *
-                                   p.k_cache.stride_page +
-                               (t % g.page_size) * p.k_cache.stride_token +
-                               h * p.k_cache.stride_head;
-          double dot = 0.0;
-          for (int32_t d = 0; d < dim; ++d) dot += query[d] * load_float(p.k_cache.data, k_at + d, p.dtype);
-          logits[n] = p.scale * dot;
-          peak = std::max(peak, logits[n]);  // a NaN logit propagates through the sums below
-        }
-        // Pass 2: weights exp(l - peak), their sum, and the weighted sum of values.
-        std::fill(acc.begin(), acc.end(), 0.0);
-        double total = 0.0;
-        for (size_t n = 0; n < tokens.size(); ++n) {
-          const int64_t t = tokens[n];
-          const double w = std::exp(logits[n] - peak);
-          total += w;
-          const int64_t v_at = pages[(t / g.page_size) * g.page_table_stride_page] *
-                                   p.v_cache.stride_page +
-                               (t % g.page_size) * p.v_cache.stride_token +
-                               h * p.v_cache.stride_head;
-          for (int32_t d = 0; d < dim; ++d) acc[d] += w * load_float(p.v_cache.data, v_at + d, p.dtype);
-        }
         const int64_t out_at = b * p.out_stride_batch + qh * p.out_stride_head;
-        const bool empty = tokens.empty();
+        const double* a = acc.data() + static_cast<size_t>(i) * dim;
         for (int32_t d = 0; d < dim; ++d) {
-          store_double(p.out, out_at + d, p.dtype, empty ? 0.0 : acc[d] / total);
+          store_double(p.out, out_at + d, p.dtype, n == 0 ? 0.0 : a[d] / totals[i]);
         }
         if (p.lse) {
           p.lse[b * p.lse_stride_batch + qh * p.lse_stride_head] =
-              empty ? -std::numeric_limits<float>::infinity()
-                    : static_cast<float>(peak + std::log(total));
+              n == 0 ? -std::numeric_limits<float>::infinity()
+                     : static_cast<float>(peaks[i] + std::log(totals[i]));
         }
       }
     }
