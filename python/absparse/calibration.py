@@ -53,7 +53,8 @@ def _budget(token_budget, fn: str):
         return int(token_budget), 0.0
     if not 0.0 < token_budget < 1.0:
         raise ValueError(f"{fn}: token_budget: a float budget is a fraction of the context and "
-                         f"must lie in (0, 1) (pass an int for a token count), got {token_budget!r}")
+                         f"must lie in (0, 1) (pass an int for a token count), got "
+                         f"{token_budget!r}")
     return 0, float(token_budget)
 
 
@@ -120,16 +121,20 @@ def head_recall(q: torch.Tensor, k: torch.Tensor, positions, token_budget: Union
                          f"{group_reduce!r}")
     if isinstance(positions, (list, tuple, range)):
         positions = torch.tensor(list(positions), dtype=torch.int32)
+    if not isinstance(q, torch.Tensor):
+        raise ValueError(f"{fn}: q: expected a torch.Tensor, got {type(q).__name__}")
+    if not isinstance(k, torch.Tensor):
+        raise ValueError(f"{fn}: k: expected a torch.Tensor, got {type(k).__name__}")
     if scale is None:
-        if not isinstance(q, torch.Tensor) or q.dim() < 1 or q.shape[-1] <= 0:
-            raise ValueError(f"{fn}: q: expected a tensor [N, Hq, D] with D > 0, got "
-                             f"{getattr(q, 'shape', type(q).__name__)}")
+        if q.dim() != 3 or q.shape[-1] <= 0:
+            raise ValueError(f"{fn}: q: expected 3 dimensions [N, Hq, D] with D > 0, got shape "
+                             f"{list(q.shape)}")
         scale = 1.0 / math.sqrt(q.shape[-1])
     elif not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ValueError(f"{fn}: scale: expected a finite float, got {scale!r}")
     flat = _C.head_recall(q, k, positions, cand, budget_tokens, budget_fraction, sink_tokens,
                           local_tokens, summary, group_reduce, float(scale))
-    return torch.tensor(flat, dtype=torch.float64).view(k.shape[1], len(cand))
+    return torch.tensor(flat, dtype=torch.float64).view(k.shape[1], len(cand))  # [Hk, C]
 
 
 def allocate_block_sizes(recall, candidates: Sequence[int], avg_block_size: int,
@@ -286,9 +291,9 @@ def layout_from_allocation(sizes, num_layers: int, page_size: int, summary: str 
         if layer in dense:
             layers.append(None)
             continue
-        layers.append(LayerLayout(t[layer].tolist(), page_size, summary, format,
-                                  _layer_channels(channel_scale, "channel_scale", num_layers, layer),
-                                  _layer_channels(channel_zero, "channel_zero", num_layers, layer)))
+        scale = _layer_channels(channel_scale, "channel_scale", num_layers, layer)
+        zero = _layer_channels(channel_zero, "channel_zero", num_layers, layer)
+        layers.append(LayerLayout(t[layer].tolist(), page_size, summary, format, scale, zero))
     return ModelLayout(layers, meta)
 
 
@@ -303,11 +308,11 @@ def describe_layout(model_layout: ModelLayout) -> str:
     -------
     >>> m = ModelLayout([None, LayerLayout([16, 64], 64), LayerLayout([32, 32], 64)])
     >>> print(describe_layout(m))
-    layer  block sizes   summaries / 1K
-        0  dense                      -
-        1  16 64                     80
-        2  32 32                     64
-    total  4 heads                  144  (uniform equivalent: 28.4)
+    layer  block sizes  summaries / 1K
+        0  dense                     -
+        1  16 64                    80
+        2  32 32                    64
+    total  4 heads                 144  (uniform equivalent: 28.4)
     """
     if not isinstance(model_layout, ModelLayout):
         raise ValueError(f"describe_layout: model_layout: expected an absparse.ModelLayout, got "
