@@ -4,11 +4,12 @@ import doctest
 import pytest
 
 import absparse
+import absparse.calibration
 import absparse.layout
 import absparse.ops
 
 
-@pytest.mark.parametrize("module", [absparse.layout, absparse.ops], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [absparse.calibration, absparse.layout, absparse.ops], ids=lambda m: m.__name__)
 def test_docstring_examples(module, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     globs = {"torch": __import__("torch"), **{n: getattr(absparse, n) for n in absparse.__all__}}

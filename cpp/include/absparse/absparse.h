@@ -1,6 +1,7 @@
 // Umbrella header of the absparse C++ API.
 #pragma once
 
+#include "absparse/calibration.h"
 #include "absparse/decode.h"
 #include "absparse/error.h"
 #include "absparse/layout.h"
