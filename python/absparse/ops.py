@@ -3,6 +3,11 @@
 Each function validates its arguments in the native layer (``ValueError`` naming the argument, the
 expected and the actual value), allocates outputs here, and runs on the tensors' device. The exact
 semantics are in ``docs/decode.md``.
+
+On CUDA tensors (when ``absparse._C.has_cuda``) the kernels of ``absparse/decode_cuda.h`` run on
+the current stream with a workspace allocated here. There the native layer checks shapes, dtypes
+and devices only: values such as ``seq_lens`` or block lists stay on the device (reading them would
+synchronize), and the kernels clamp or skip bad ones instead of raising.
 """
 from __future__ import annotations
 
@@ -71,6 +76,23 @@ def _non_negative_int(value, name: str) -> int:
     return min(int(value), _UNBOUNDED)
 
 
+def _is_cuda(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_cuda
+
+
+def _dims(t, ndim: int) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() == ndim
+
+
+def _cuda_stream(t: torch.Tensor) -> int:
+    """The current CUDA stream of t's device, as the integer handle the kernels launch on."""
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _cuda_workspace(nbytes: int, device) -> Optional[torch.Tensor]:
+    return torch.empty(nbytes, dtype=torch.uint8, device=device) if nbytes > 0 else None
+
+
 def default_max_blocks(page_table: torch.Tensor, layout: LayerLayout) -> int:
     """Capacity that fits any length the page table can hold: ceil(max_pages * P / min bs)."""
     return -(-page_table.shape[-1] * layout.page_size // layout.min_block_size)
@@ -103,8 +125,9 @@ def update_centroids(k_cache: torch.Tensor, page_table: torch.Tensor, seq_lens: 
     layout = _check_layout(layout, "update_centroids")
     _tensor(summaries, "update_centroids", "summaries")
     channel_scale, channel_zero = layout.channel_params(summaries.device)
+    cuda = {"stream": _cuda_stream(k_cache)} if _is_cuda(k_cache) else {}
     _C.update_centroids(k_cache, page_table, seq_lens, start_pos, layout._native, summaries,
-                        scales, channel_scale, channel_zero)
+                        scales, channel_scale, channel_zero, **cuda)
 
 
 def select_blocks(q: torch.Tensor, summaries: torch.Tensor, scales: Optional[torch.Tensor],
@@ -163,10 +186,30 @@ def select_blocks(q: torch.Tensor, summaries: torch.Tensor, scales: Optional[tor
     block_indices = torch.empty((batch, hk, int(max_blocks)), dtype=torch.int32, device=q.device)
     block_counts = torch.empty((batch, hk), dtype=torch.int32, device=q.device)
     channel_scale, channel_zero = layout.channel_params(q.device)
+    cuda = {}
+    if _is_cuda(q):
+        nbytes = (_C.select_blocks_workspace_size(batch, q.shape[1], layout._native,
+                                                  page_table.shape[1], group_reduce)
+                  if _dims(q, 3) and _dims(page_table, 2) else 0)
+        cuda = {"workspace": _cuda_workspace(nbytes, q.device), "stream": _cuda_stream(q)}
     _C.select_blocks(q, summaries, scales, page_table, seq_lens, layout._native, channel_scale,
                      channel_zero, budget_tokens, budget_fraction, sink_tokens, local_tokens,
-                     group_reduce, scale, block_indices, block_counts)
+                     group_reduce, scale, block_indices, block_counts, **cuda)
     return block_indices, block_counts
+
+
+def _attention_cuda(q, k_cache, page_table, block_sizes, block_indices) -> dict:
+    """Workspace and stream arguments of _C.decode_attention for CUDA tensors ({} otherwise)."""
+    if not _is_cuda(q):
+        return {}
+    nbytes = 0
+    sparse = block_sizes is not None
+    if (_dims(q, 3) and _dims(k_cache, 4) and _dims(page_table, 2)
+            and (not sparse or _dims(block_indices, 3))):
+        nbytes = _C.decode_attention_workspace_size(
+            q.shape[0], q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1],
+            page_table.shape[1], block_sizes, block_indices.shape[2] if sparse else 0)
+    return {"workspace": _cuda_workspace(nbytes, q.device), "stream": _cuda_stream(q)}
 
 
 def _attention_out(q: torch.Tensor, out: Optional[torch.Tensor], return_lse: bool):
@@ -214,8 +257,9 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          f"LayerLayout, got {type(block_sizes).__name__}")
     scale = _default_scale(q, scale, "sparse_decode")
     out, lse = _attention_out(q, out, return_lse)
+    cuda = _attention_cuda(q, k_cache, page_table, block_sizes, block_indices)
     _C.decode_attention(q, k_cache, v_cache, page_table, seq_lens, block_sizes, block_indices,
-                        block_counts, scale, out, lse)
+                        block_counts, scale, out, lse, **cuda)
     return (out, lse) if return_lse else out
 
 
@@ -238,8 +282,9 @@ def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     _tensor(q, "dense_decode", "q")
     scale = _default_scale(q, scale, "dense_decode")
     out, lse = _attention_out(q, out, return_lse)
+    cuda = _attention_cuda(q, k_cache, page_table, None, None)
     _C.decode_attention(q, k_cache, v_cache, page_table, seq_lens, None, None, None, scale, out,
-                        lse)
+                        lse, **cuda)
     return (out, lse) if return_lse else out
 
 

@@ -1,17 +1,60 @@
 // absparse._C.update_centroids / select_blocks / decode_attention: validate tensors, fill the
 // params structs of absparse/decode.h, run. The Python wrappers (absparse/ops.py) own defaults,
-// output allocation and docstrings.
+// output allocation (the CUDA workspace included) and docstrings.
+//
+// CPU tensors run the reference, which validates values too (seq_lens, page table, block lists).
+// CUDA tensors (builds with ABSPARSE_WITH_CUDA) run the kernels of absparse/decode_cuda.h on the
+// given stream: the binding checks shapes, dtypes, devices and layouts only, since reading values
+// from device memory would synchronize; the kernels clamp or skip bad values instead (see
+// decode_cuda.h).
 #include <pybind11/pybind11.h>
 
 #include <cmath>
+#include <cstdint>
 
 #include "absparse/decode.h"
 #include "absparse/error.h"
 #include "tensor_view.h"
+#ifdef ABSPARSE_WITH_CUDA
+#include "absparse/decode_cuda.h"
+#endif
 
 namespace absparse::py_binding {
 
 namespace {
+
+// True for a CUDA tensor in a build with the kernels; a CUDA tensor in a CPU-only build raises.
+bool on_cuda(const TensorView& t, const char* fn, const char* name) {
+#ifdef ABSPARSE_WITH_CUDA
+  (void)fn;
+  (void)name;
+  return t.is_cuda;
+#else
+  expect_supported_device(t, fn, name);
+  return false;
+#endif
+}
+
+#ifdef ABSPARSE_WITH_CUDA
+// The workspace of a CUDA op: a uint8 tensor of at least `need` bytes on the device of `ref`
+// (None when nothing is needed).
+void* workspace_arg(py::handle obj, size_t need, const TensorView& ref, const char* fn,
+                    const char* ref_name) {
+  if (need == 0) return nullptr;
+  ABSPARSE_CHECK_ARG(!obj.is_none(), fn, "workspace: expected a uint8 tensor of at least ", need,
+                     " bytes on ", ref.device_string(), ", got None");
+  TensorView w = tensor_arg(obj, fn, "workspace");
+  expect_same_device(w, ref, fn, "workspace", ref_name);
+  expect_dtype(w, DType::kUInt8, fn, "workspace");
+  ABSPARSE_CHECK_ARG(w.ndim == 1 && (w.size(0) <= 1 || w.stride(0) == 1), fn,
+                     "workspace: expected a contiguous 1-D tensor, got shape ", w.shape_string());
+  ABSPARSE_CHECK_ARG(w.numel() >= static_cast<int64_t>(need), fn, "workspace: expected at least ",
+                     need, " bytes, got ", w.numel());
+  ABSPARSE_CHECK_ARG(reinterpret_cast<uintptr_t>(w.data) % 16 == 0, fn,
+                     "workspace: expected a 16-byte aligned data pointer");
+  return w.data;
+}
+#endif
 
 // page_table [B, max_pages] and seq_lens [B], int32, on the device of `ref`.
 BatchGeometry batch_geometry(const char* fn, py::handle page_table_obj, py::handle seq_lens_obj,
@@ -121,7 +164,8 @@ SummaryCacheView summary_cache(const char* fn, const LayerLayout& layout, py::ha
 
 void update_centroids(py::handle k_cache_obj, py::handle page_table, py::handle seq_lens,
                       py::handle start_pos_obj, const LayerLayout& layout, py::handle summaries,
-                      py::handle scales, py::handle channel_scale, py::handle channel_zero) {
+                      py::handle scales, py::handle channel_scale, py::handle channel_zero,
+                      [[maybe_unused]] uintptr_t stream) {
   const char* fn = "update_centroids";
   TensorView k = paged_cache_arg(fn, k_cache_obj, "k_cache");
   expect_size(k, 1, layout.page_size(), fn, "k_cache", "layout.page_size");
@@ -130,7 +174,7 @@ void update_centroids(py::handle k_cache_obj, py::handle page_table, py::handle 
   TensorView start_pos = tensor_arg(start_pos_obj, fn, "start_pos");
   expect_ndim(start_pos, 1, fn, "start_pos", "[B]");
   const int64_t batch = start_pos.size(0);
-  expect_supported_device(k, fn, "k_cache");
+  const bool cuda = on_cuda(k, fn, "k_cache");
   expect_same_device(start_pos, k, fn, "start_pos", "k_cache");
   expect_float_dtype(k, fn, "k_cache");
   expect_dtype(start_pos, DType::kInt32, fn, "start_pos");
@@ -148,6 +192,14 @@ void update_centroids(py::handle k_cache_obj, py::handle page_table, py::handle 
   p.k_cache = paged_view(k);
   p.start_pos = static_cast<const int32_t*>(start_pos.data);
   p.start_pos_stride = start_pos.stride(0);
+  if (cuda) {
+#ifdef ABSPARSE_WITH_CUDA
+    CudaDeviceGuard guard(k.device_index);
+    p.stream = reinterpret_cast<void*>(stream);
+    update_centroids_cuda(p);
+#endif
+    return;
+  }
   update_centroids_cpu(p);
 }
 
@@ -156,13 +208,14 @@ void select_blocks(py::handle q_obj, py::handle summaries, py::handle scales,
                    py::handle channel_scale, py::handle channel_zero, int64_t budget_tokens,
                    double budget_fraction, int64_t sink_tokens, int64_t local_tokens,
                    const std::string& group_reduce, double scale, py::handle indices_obj,
-                   py::handle counts_obj) {
+                   py::handle counts_obj, [[maybe_unused]] py::handle workspace_obj,
+                   [[maybe_unused]] uintptr_t stream) {
   const char* fn = "select_blocks";
   TensorView q = tensor_arg(q_obj, fn, "q");
   expect_ndim(q, 3, fn, "q", "[B, Hq, D]");
   layout.check_head_dim(fn, q.size(2));
   const int64_t batch = q.size(0), hk = layout.num_kv_heads();
-  expect_supported_device(q, fn, "q");
+  const bool cuda = on_cuda(q, fn, "q");
   expect_float_dtype(q, fn, "q");
   expect_last_dim_contiguous(q, fn, "q");
   ABSPARSE_CHECK_ARG(group_reduce == "max" || group_reduce == "softmax_sum", fn,
@@ -207,13 +260,24 @@ void select_blocks(py::handle q_obj, py::handle summaries, py::handle scales,
   p.block_counts = static_cast<int32_t*>(counts.data);
   p.block_counts_stride_batch = counts.stride(0);
   p.block_counts_stride_head = counts.stride(1);
+  if (cuda) {
+#ifdef ABSPARSE_WITH_CUDA
+    void* workspace = workspace_arg(workspace_obj, select_blocks_workspace_size(p), q, fn, "q");
+    CudaDeviceGuard guard(q.device_index);
+    p.stream = reinterpret_cast<void*>(stream);
+    select_blocks_cuda(p, workspace);
+#endif
+    return;
+  }
   select_blocks_cpu(p);
 }
 
 // Dense when block_sizes is None; sparse otherwise (then block_indices and block_counts too).
 void decode_attention(py::handle q_obj, py::handle k_obj, py::handle v_obj, py::handle page_table,
                       py::handle seq_lens, py::handle block_sizes_obj, py::handle indices_obj,
-                      py::handle counts_obj, double scale, py::handle out_obj, py::handle lse_obj) {
+                      py::handle counts_obj, double scale, py::handle out_obj, py::handle lse_obj,
+                      [[maybe_unused]] py::handle workspace_obj,
+                      [[maybe_unused]] uintptr_t stream) {
   const bool sparse = !block_sizes_obj.is_none();
   const char* fn = sparse ? "sparse_decode" : "dense_decode";
   TensorView q = tensor_arg(q_obj, fn, "q");
@@ -232,7 +296,7 @@ void decode_attention(py::handle q_obj, py::handle k_obj, py::handle v_obj, py::
                        k.shape_string(), ", got ", v.shape_string());
   }
   for (int d = 0; d < 3; ++d) expect_size(out, d, q.size(d), fn, "out", "shape of q");
-  expect_supported_device(q, fn, "q");
+  const bool cuda = on_cuda(q, fn, "q");
   expect_same_device(k, q, fn, "k_cache", "q");
   expect_same_device(v, q, fn, "v_cache", "q");
   expect_same_device(out, q, fn, "out", "q");
@@ -304,7 +368,75 @@ void decode_attention(py::handle q_obj, py::handle k_obj, py::handle v_obj, py::
     p.block_counts_stride_batch = counts.stride(0);
     p.block_counts_stride_head = counts.stride(1);
   }
+  if (cuda) {
+#ifdef ABSPARSE_WITH_CUDA
+    void* workspace = workspace_arg(workspace_obj, decode_attention_workspace_size(p), q, fn, "q");
+    CudaDeviceGuard guard(q.device_index);
+    p.stream = reinterpret_cast<void*>(stream);
+    decode_attention_cuda(p, workspace);
+#endif
+    return;
+  }
   decode_attention_cpu(p);
+}
+
+// Workspace bytes of select_blocks / decode_attention on CUDA tensors (0 in a CPU-only build and
+// for shapes the op itself will reject), from shapes alone.
+size_t select_blocks_workspace_bytes(int64_t batch, int64_t num_q_heads, const LayerLayout& layout,
+                                     int64_t max_pages, const std::string& group_reduce) {
+#ifdef ABSPARSE_WITH_CUDA
+  if (batch <= 0 || num_q_heads <= 0 || max_pages < 0 || max_pages > INT32_MAX ||
+      batch > INT32_MAX || num_q_heads > INT32_MAX) {
+    return 0;
+  }
+  SelectBlocksParams p;
+  p.layout = &layout;
+  p.geometry.batch = static_cast<int32_t>(batch);
+  p.geometry.num_kv_heads = layout.num_kv_heads();
+  p.geometry.page_size = layout.page_size();
+  p.geometry.max_pages = static_cast<int32_t>(max_pages);
+  p.num_q_heads = static_cast<int32_t>(num_q_heads);
+  p.group_reduce = group_reduce == "softmax_sum" ? GroupReduce::kSoftmaxSum : GroupReduce::kMax;
+  return select_blocks_workspace_size(p);
+#else
+  (void)batch, (void)num_q_heads, (void)layout, (void)max_pages, (void)group_reduce;
+  return 0;
+#endif
+}
+
+size_t decode_attention_workspace_bytes(int64_t batch, int64_t num_q_heads, int64_t num_kv_heads,
+                                        int64_t head_dim, int64_t page_size, int64_t max_pages,
+                                        py::handle block_sizes_obj, int64_t max_blocks) {
+#ifdef ABSPARSE_WITH_CUDA
+  const int64_t limit = INT32_MAX;
+  if (batch <= 0 || num_q_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 || page_size <= 0 ||
+      max_pages < 0 || max_blocks < 0 || batch > limit || num_q_heads > limit ||
+      num_kv_heads > limit || head_dim > limit || page_size > limit || max_pages > limit ||
+      max_blocks > limit) {
+    return 0;
+  }
+  DecodeAttentionParams p;
+  p.geometry.batch = static_cast<int32_t>(batch);
+  p.geometry.num_kv_heads = static_cast<int32_t>(num_kv_heads);
+  p.geometry.head_dim = static_cast<int32_t>(head_dim);
+  p.geometry.page_size = static_cast<int32_t>(page_size);
+  p.geometry.max_pages = static_cast<int32_t>(max_pages);
+  p.num_q_heads = static_cast<int32_t>(num_q_heads);
+  p.max_blocks = static_cast<int32_t>(max_blocks);
+  if (!block_sizes_obj.is_none()) {
+    TensorView bs = tensor_arg(block_sizes_obj, "sparse_decode", "block_sizes");
+    if (bs.is_cuda || bs.dtype != DType::kInt32 || bs.ndim != 1 || bs.size(0) != num_kv_heads ||
+        (num_kv_heads > 1 && bs.stride(0) != 1)) {
+      return 0;  // sparse_decode names the problem
+    }
+    p.block_sizes = static_cast<const int32_t*>(bs.data);
+  }
+  return decode_attention_workspace_size(p);
+#else
+  (void)batch, (void)num_q_heads, (void)num_kv_heads, (void)head_dim, (void)page_size;
+  (void)max_pages, (void)block_sizes_obj, (void)max_blocks;
+  return 0;
+#endif
 }
 
 }  // namespace
@@ -312,16 +444,24 @@ void decode_attention(py::handle q_obj, py::handle k_obj, py::handle v_obj, py::
 void register_decode(py::module_& m) {
   m.def("update_centroids", &update_centroids, py::arg("k_cache"), py::arg("page_table"),
         py::arg("seq_lens"), py::arg("start_pos"), py::arg("layout"), py::arg("summaries"),
-        py::arg("scales"), py::arg("channel_scale"), py::arg("channel_zero"));
+        py::arg("scales"), py::arg("channel_scale"), py::arg("channel_zero"),
+        py::arg("stream") = 0);
   m.def("select_blocks", &select_blocks, py::arg("q"), py::arg("summaries"), py::arg("scales"),
         py::arg("page_table"), py::arg("seq_lens"), py::arg("layout"), py::arg("channel_scale"),
         py::arg("channel_zero"), py::arg("budget_tokens"), py::arg("budget_fraction"),
         py::arg("sink_tokens"), py::arg("local_tokens"), py::arg("group_reduce"),
-        py::arg("scale"), py::arg("block_indices"), py::arg("block_counts"));
+        py::arg("scale"), py::arg("block_indices"), py::arg("block_counts"),
+        py::arg("workspace") = py::none(), py::arg("stream") = 0);
   m.def("decode_attention", &decode_attention, py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("page_table"), py::arg("seq_lens"), py::arg("block_sizes"),
         py::arg("block_indices"), py::arg("block_counts"), py::arg("scale"), py::arg("out"),
-        py::arg("lse"));
+        py::arg("lse"), py::arg("workspace") = py::none(), py::arg("stream") = 0);
+  m.def("select_blocks_workspace_size", &select_blocks_workspace_bytes, py::arg("batch"),
+        py::arg("num_q_heads"), py::arg("layout"), py::arg("max_pages"), py::arg("group_reduce"));
+  m.def("decode_attention_workspace_size", &decode_attention_workspace_bytes, py::arg("batch"),
+        py::arg("num_q_heads"), py::arg("num_kv_heads"), py::arg("head_dim"),
+        py::arg("page_size"), py::arg("max_pages"), py::arg("block_sizes"),
+        py::arg("max_blocks"));
 }
 
 }  // namespace absparse::py_binding

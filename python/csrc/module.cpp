@@ -11,7 +11,11 @@ void register_calibration(pybind11::module_& m);
 PYBIND11_MODULE(_C, m) {
   m.doc() = "absparse native extension (torch-free; tensors cross as pointers, shapes and strides)";
   m.attr("__version__") = ABSPARSE_VERSION_STRING;
+#ifdef ABSPARSE_WITH_CUDA
+  m.attr("has_cuda") = true;  // the decode ops also run on CUDA tensors
+#else
   m.attr("has_cuda") = false;
+#endif
   absparse::py_binding::register_layout(m);
   absparse::py_binding::register_quantize(m);
   absparse::py_binding::register_decode(m);
