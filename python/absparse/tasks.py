@@ -6,7 +6,7 @@ Tasks (``Sample.task``):
   retrieval test); the prompt ends with "The pass key is" and the answer must appear in the output.
 - ``multikey``: RULER's niah_multikey_1: four "special magic number for <key>" needles with distinct
   keys; one is asked for (a 7-digit number).
-- ``vartrack``: RULER's variable tracking: a chain ``VAR A = n``, ``VAR B = VAR A``, ... plus a
+- ``vartrack``: RULER's variable tracking: a chain ``VAR A = n``, ``VAR B = VAR A`` plus a
   distractor chain, spread over the haystack; every variable of the chain must be named (score =
   share of the chain's variables found, RULER's ``string_match_all``).
 - ``ppl``: a long document whose last paragraph repeats one seen earlier at the given depth; the
@@ -83,9 +83,9 @@ def essay_sentences(rng: random.Random, n: int) -> List[str]:
 
 def chronicle_sentences(rng: random.Random, n: int) -> List[str]:
     """``n`` sentences of the calibration corpus (chronicles of invented places)."""
-    return [f"In the year {rng.randint(301, 1899)}, the {rng.choice(_C_ADJ)} {rng.choice(_C_NOUNS)} "
-            f"of {_place(rng)} {rng.choice(_C_VERBS)} {_place(rng)} {rng.choice(_C_TAILS)}."
-            for _ in range(n)]
+    return [f"In the year {rng.randint(301, 1899)}, the {rng.choice(_C_ADJ)} "
+            f"{rng.choice(_C_NOUNS)} of {_place(rng)} {rng.choice(_C_VERBS)} {_place(rng)} "
+            f"{rng.choice(_C_TAILS)}." for _ in range(n)]
 
 
 def noise_sentences(rng: random.Random, n: int) -> List[str]:
@@ -216,11 +216,13 @@ def make_sample(task: str, length: int, depth: float, seed: int, count_tokens: C
                 keys.append(k)
         values = [_digits(rng, 7) for _ in keys]
         asked = rng.randrange(4)
-        needles = [f"One of the special magic numbers for {k} is: {v}." for k, v in zip(keys, values)]
+        needles = [f"One of the special magic numbers for {k} is: {v}."
+                   for k, v in zip(keys, values)]
         head = ("Some special magic numbers are hidden within the following text. Make sure to "
                 "memorize them. I will quiz you about the numbers afterwards.\n")
         tail = (f"\nWhat is the special magic number for {keys[asked]} mentioned in the provided "
-                f"text? The special magic number for {keys[asked]} mentioned in the provided text is")
+                f"text? The special magic number for {keys[asked]} mentioned in the provided "
+                f"text is")
         room = length - counter(head) - counter(tail) - sum(counter(n) for n in needles)
         hay = _haystack(rng, filler, room, counter)
         # The asked needle sits at ``depth``; the distractors are spread uniformly.
@@ -231,10 +233,12 @@ def make_sample(task: str, length: int, depth: float, seed: int, count_tokens: C
                       meta={"keys": keys, "asked": asked}, **common)
 
     if task == "vartrack":
+        # RULER's variable tracking with one hop (``VAR A = n``, ``VAR B = VAR A``) and a decoy
+        # chain; the answer prefix ends with "VAR" as the start of the expected list.
         used: set = set()
         value, other = _digits(rng, 5), _digits(rng, 5)
-        chain = [_var_name(rng, used) for _ in range(3)]
-        decoy = [_var_name(rng, used) for _ in range(3)]
+        chain = [_var_name(rng, used) for _ in range(2)]
+        decoy = [_var_name(rng, used) for _ in range(2)]
         stmts = []
         for names, v in ((chain, value), (decoy, other)):
             stmts.append(f"VAR {names[0]} = {v}.")
@@ -242,8 +246,8 @@ def make_sample(task: str, length: int, depth: float, seed: int, count_tokens: C
         head = ("Memorize and track the chain(s) of variable assignment hidden in the following "
                 "text.\n\n")
         tail = (f"\nQuestion: Find all variables that are assigned the value {value} in the text "
-                f"above. Answer: According to the chain(s) of variable assignment in the text above, "
-                f"{len(chain)} variables are assigned the value {value}, they are:")
+                f"above. Answer: According to the chain(s) of variable assignment in the text "
+                f"above, {len(chain)} variables are assigned the value {value}, they are: VAR")
         room = length - counter(head) - counter(tail) - sum(counter(s) for s in stmts)
         hay = _haystack(rng, filler, room, counter)
         # The chain starts at ``depth`` and its links follow in order within the rest of the text.
@@ -252,7 +256,7 @@ def make_sample(task: str, length: int, depth: float, seed: int, count_tokens: C
         dd = sorted(rng.random() for _ in decoy)
         items = list(zip(cd, stmts[:len(chain)])) + list(zip(dd, stmts[len(chain):]))
         prompt = head + _insert(hay, items) + tail
-        return Sample(prompt=prompt, answers=tuple(chain), max_new_tokens=16,
+        return Sample(prompt=prompt, answers=tuple(chain), max_new_tokens=12,
                       meta={"value": value, "decoy": decoy}, **common)
 
     # ppl: a document whose final paragraph repeats the paragraph found at ``depth``.

@@ -1,0 +1,451 @@
+"""Accuracy of AB-Sparse against dense attention and the uniform Quest/ArkVale baselines.
+
+Every sample is prefilled ONCE densely (all prompt tokens but the last, into a dense
+:class:`~absparse.hf.AbsparseCache`). For each (budget, method) the prefilled sequences of a batch
+are stacked into one cache with that method's layout (``AbsparseCache.stack``: K/V copied, block
+summaries recomputed), and every step from the last prompt token on goes through the decode
+pipeline: the answer tokens are generated greedily (RULER string match), or, for ``ppl`` samples,
+teacher forced to measure the continuation's NLL. So even the first answer token depends on the
+sparse selection.
+
+Methods are named ``[ab-]BASE[-FORMAT][-mem][+dN]``:
+
+- BASE: ``quest`` (minmax summaries), ``arkvale`` (cuboid), ``mean`` (mean of keys);
+- ``ab-``: AB-Sparse block sizes from calibration (else every head uses ``avg_block_size``);
+- FORMAT: summary storage, default ``bf16`` (``fp32``, ``fp16``, ``int8c``, ``int4c``);
+- ``-mem``: the allocation keeps the summary *memory* of the bf16 uniform baseline instead of its
+  average block size ("count" constraint at ``avg_block_size * bits / 16``; quantized formats only);
+- ``+dN``: the first N layers stay dense (Quest's default is N = 2).
+
+``dense`` (``dense_decode`` in every layer) is always evaluated.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+
+from .calibrate import Calibration, budget_key
+from .hf import AbsparseCache, register
+from .layout import ModelLayout
+from .tasks import Sample, score_output
+
+__all__ = ["MethodSpec", "parse_method", "DEFAULT_METHODS", "summary_kib_per_1k", "evaluate",
+           "EvalResult", "write_report", "plot_accuracy", "plot_block_sizes"]
+
+BASES = {"quest": "minmax", "arkvale": "cuboid", "mean": "mean"}
+FORMATS = ("fp32", "fp16", "bf16", "int8c", "int4c")
+_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8c": 8, "int4c": 4}
+_METHOD_RE = re.compile(r"^(ab-)?(quest|arkvale|mean)(?:-(fp32|fp16|bf16|int8c|int4c))?(-mem)?"
+                        r"(?:\+d(\d+))?$")
+
+DEFAULT_METHODS = ("quest", "arkvale", "mean", "ab-quest", "ab-quest-int8c", "ab-quest-int4c",
+                   "ab-arkvale", "ab-arkvale-int8c", "ab-arkvale-int4c", "ab-mean",
+                   "ab-quest-int8c-mem", "quest+d2", "ab-quest+d2")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    base: str
+    summary: str
+    format: str
+    adaptive: bool
+    memory_matched: bool
+    dense_first: int
+
+    @property
+    def uniform_base(self) -> str:
+        """The uniform bf16 method this one is compared with."""
+        return self.base + (f"+d{self.dense_first}" if self.dense_first else "")
+
+    def layout(self, cal: Calibration, budget, avg_block_size: int) -> ModelLayout:
+        dense = tuple(range(self.dense_first))
+        if self.memory_matched:
+            avg = max(min(cal.candidates), avg_block_size * _BITS[self.format] // 16)
+            return cal.layout(self.summary, self.format, budget, avg, "count", dense, True)
+        return cal.layout(self.summary, self.format, budget, avg_block_size, "mean", dense,
+                          self.adaptive)
+
+
+def parse_method(name: str) -> MethodSpec:
+    """``"ab-quest-int4c+d2"`` -> MethodSpec (see the module docstring for the grammar)."""
+    m = _METHOD_RE.match(name.strip())
+    if not m:
+        raise ValueError(f"method: expected [ab-]{{quest|arkvale|mean}}[-FORMAT][-mem][+dN] with "
+                         f"FORMAT in {FORMATS}, got {name!r}")
+    ab, base, fmt, mem, dense = m.groups()
+    fmt = fmt or "bf16"
+    if mem and (not ab or _BITS[fmt] >= 16):
+        raise ValueError(f"method {name!r}: '-mem' needs an adaptive ('ab-') method with a "
+                         f"quantized format (int8c / int4c)")
+    return MethodSpec(name.strip(), base, BASES[base], fmt, bool(ab), bool(mem), int(dense or 0))
+
+
+def _vector_bytes(format: str, d: int) -> float:
+    return {"fp32": 4 * d, "fp16": 2 * d, "bf16": 2 * d, "int8": d + 4, "int4": d / 2 + 4,
+            "int8c": d, "int4c": d / 2}[format]
+
+
+def summary_kib_per_1k(layout: Optional[ModelLayout], head_dim: int) -> float:
+    """Summary storage of all layers, KiB per 1K tokens of context (0 for dense)."""
+    if layout is None:
+        return 0.0
+    total = 0.0
+    for l in layout.layers:
+        if l is None:
+            continue
+        per_vec = _vector_bytes(l.format, head_dim) * l.summary_vectors
+        total += sum(1024 / b for b in l.block_sizes.tolist()) * per_vec
+    return total / 1024
+
+
+@dataclass
+class EvalResult:
+    records: List[dict]
+    methods: List[str]
+    budgets: List[Union[int, float]]
+    layouts: Dict[str, ModelLayout]
+    stats: Dict[str, Dict[str, dict]]          # method -> budget key -> {selected, differ}
+    meta: Dict[str, object] = field(default_factory=dict)
+
+    # --- aggregation ---------------------------------------------------------------------------
+    def _cells(self, method: str, budget: Optional[str]):
+        return [r for r in self.records if r["method"] == method and
+                (method == "dense" or r["budget"] == budget)]
+
+    def task_names(self) -> List[str]:
+        return sorted({r["task"] for r in self.records if r["task"] != "ppl"})
+
+    def accuracy(self, method: str, budget: Optional[str], task: Optional[str] = None) -> float:
+        """Mean score (0..100) of one task, or the macro average over tasks (task None)."""
+        rows = [r for r in self._cells(method, budget) if r["task"] != "ppl"]
+        if task is not None:
+            rows = [r for r in rows if r["task"] == task]
+            return 100.0 * sum(r["score"] for r in rows) / len(rows) if rows else float("nan")
+        per = [self.accuracy(method, budget, t) for t in self.task_names()]
+        per = [p for p in per if not math.isnan(p)]
+        return sum(per) / len(per) if per else float("nan")
+
+    def nll(self, method: str, budget: Optional[str]) -> float:
+        rows = [r for r in self._cells(method, budget) if r["task"] == "ppl"]
+        tokens = sum(r["tokens"] for r in rows)
+        return sum(r["nll"] for r in rows) / tokens if tokens else float("nan")
+
+    def disagreement(self, method: str, budget: str) -> Optional[float]:
+        s = self.stats.get(method, {}).get(budget)
+        if not s or not s["selected"]:
+            return None
+        return s["differ"] / s["selected"]
+
+    def pairs(self) -> List[tuple]:
+        """(method, reference, kind) comparisons of the issue's targets: "adaptive" (bf16 AB-Sparse
+        vs its uniform base) and "int4c" (int4c vs bf16 summaries of the same allocation)."""
+        out = []
+        for m in self.methods:
+            spec = parse_method(m)
+            if spec.adaptive and spec.format == "bf16" and spec.uniform_base in self.methods:
+                out.append((m, spec.uniform_base, "adaptive"))
+            ref = m.replace("-int4c", "")
+            if spec.adaptive and spec.format == "int4c" and not spec.memory_matched \
+                    and ref in self.methods:
+                out.append((m, ref, "int4c"))
+        return out
+
+    def compare(self, method: str, reference: str, budget: str) -> dict:
+        """Accuracy difference (points) and per-sample wins / losses of ``method``."""
+        ref = {(r["id"]): r["score"] for r in self._cells(reference, budget) if r["task"] != "ppl"}
+        wins = losses = 0
+        for r in self._cells(method, budget):
+            if r["task"] != "ppl" and r["id"] in ref:
+                wins += r["score"] > ref[r["id"]]
+                losses += r["score"] < ref[r["id"]]
+        return {"delta": self.accuracy(method, budget) - self.accuracy(reference, budget),
+                "wins": wins, "losses": losses}
+
+    def goal(self) -> dict:
+        """The issue's targets at the tightest budget evaluated (the first)."""
+        b = self.budget_keys()[0]
+        return {"budget": b, "dense": self.accuracy("dense", None),
+                "pairs": [(m, r, k, self.compare(m, r, b)) for m, r, k in self.pairs()]}
+
+    def budget_keys(self) -> List[str]:
+        return [budget_key(b) for b in self.budgets]
+
+    def save(self, path: Union[str, Path]) -> None:
+        Path(path).write_text("\n".join(json.dumps(r) for r in self.records) + "\n")
+
+
+def _prefill(model, ids: torch.Tensor, page_size: int) -> AbsparseCache:
+    """Dense prefill of ``ids [1, T]`` into a fresh dense AbsparseCache."""
+    cache = AbsparseCache(model.config, None, page_size=page_size)
+    with torch.no_grad():
+        model(input_ids=ids.to(model.device), past_key_values=cache, use_cache=True,
+              logits_to_keep=1)
+    return cache
+
+
+def _decode(model, cache: AbsparseCache, first: torch.Tensor, plans: List[dict],
+            eos: Optional[int]):
+    """Run every row from its last prompt token: greedy rows generate ``max_new`` tokens, forced
+    rows feed ``forced`` and accumulate its NLL. Returns per-row (token ids, nll sum)."""
+    batch = len(plans)
+    lens = torch.tensor(cache.seq_lens, dtype=torch.int64)
+    steps = max(p["steps"] for p in plans)
+    nxt = first.clone()
+    gen: List[List[int]] = [[] for _ in range(batch)]
+    nll = [0.0] * batch
+    done = [False] * batch
+    for t in range(steps):
+        pos = (lens + t)[:, None]
+        with torch.no_grad():
+            out = model(input_ids=nxt[:, None].to(model.device), position_ids=pos.to(model.device),
+                        past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1].float().cpu()
+        best = logits.argmax(-1)
+        logp = None
+        for b, p in enumerate(plans):
+            if done[b]:
+                continue
+            if p["forced"] is not None:
+                if logp is None:
+                    logp = torch.log_softmax(logits, -1)
+                gold = p["forced"][t]
+                nll[b] -= float(logp[b, gold])
+                nxt[b] = gold
+            else:
+                tok = int(best[b])
+                gen[b].append(tok)
+                nxt[b] = tok
+                if eos is not None and tok == eos:
+                    done[b] = True
+            if t + 1 >= p["steps"]:
+                done[b] = True
+        if all(done):
+            break
+    return gen, nll
+
+
+def evaluate(model, tokenizer, samples: Sequence[Sample], calibration: Calibration,
+             budgets: Sequence[Union[int, float]], methods: Sequence[str] = DEFAULT_METHODS,
+             avg_block_size: int = 32, sink_tokens: int = 16, local_tokens: int = 64,
+             group_reduce: str = "max", batch_size: int = 8, page_size: Optional[int] = None,
+             ppl_tokens: int = 16, progress=None) -> EvalResult:
+    """Evaluate ``dense`` and ``methods`` at every budget on ``samples`` (see module docstring).
+
+    ``ppl_tokens``: teacher-forced tokens of each ppl continuation (its first ones).
+    ``progress``: optional tqdm-like object, advanced once per (batch, method, budget) run.
+    """
+    register()
+    model.set_attn_implementation("absparse")
+    page_size = page_size or calibration.page_size
+    specs = [parse_method(m) for m in methods]
+    head_dim = getattr(model.config, "head_dim", None) or \
+        model.config.hidden_size // model.config.num_attention_heads
+    layouts: Dict[str, ModelLayout] = {}
+    for b in budgets:
+        for s in specs:
+            layouts[f"{s.name}@{budget_key(b)}"] = s.layout(calibration, b, avg_block_size)
+    eos = tokenizer.eos_token_id
+    # Batch samples that need the same number of decode steps (a batch runs its longest row).
+    order = sorted(range(len(samples)), key=lambda i: (samples[i].task == "ppl",
+                                                       samples[i].max_new_tokens,
+                                                       samples[i].length))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    records: List[dict] = []
+    stats: Dict[str, Dict[str, dict]] = defaultdict(dict)
+    t0 = time.perf_counter()
+    for idx in batches:
+        plans, bases, firsts = [], [], []
+        for i in idx:
+            s = samples[i]
+            ids = tokenizer(s.prompt, return_tensors="pt", add_special_tokens=False).input_ids
+            forced = None
+            if s.task == "ppl":
+                forced = tokenizer(s.answers[0], add_special_tokens=False).input_ids[:ppl_tokens]
+            bases.append(_prefill(model, ids[:, :-1], page_size))
+            firsts.append(int(ids[0, -1]))
+            plans.append({"forced": forced, "prompt_tokens": ids.shape[1],
+                          "steps": len(forced) if forced is not None else s.max_new_tokens})
+        first = torch.tensor(firsts)
+        runs = [("dense", None, None)] + [(s.name, b, layouts[f"{s.name}@{budget_key(b)}"])
+                                          for b in budgets for s in specs]
+        for name, budget, layout in runs:
+            fmt = None if layout is None else next(l.format for l in layout.layers if l is not None)
+            # Selection disagreement is measured for the integer summary formats.
+            compare = "fp32" if fmt is not None and fmt.startswith("int") else None
+            cache = AbsparseCache.stack(bases, layout, budget, sink_tokens, local_tokens,
+                                        group_reduce, compare_format=compare)
+            gen, nll = _decode(model, cache, first, plans, eos)
+            bkey = None if budget is None else budget_key(budget)
+            if compare is not None:
+                st = stats[name].setdefault(bkey, {"selected": 0, "differ": 0})
+                for layer in cache.layers:
+                    st["selected"] += layer.stats["selected"]
+                    st["differ"] += layer.stats["differ"]
+            for j, i in enumerate(idx):
+                s = samples[i]
+                rec = {"id": s.id, "task": s.task, "length": s.length, "depth": s.depth,
+                       "prompt_tokens": plans[j]["prompt_tokens"], "method": name,
+                       "budget": bkey}
+                if s.task == "ppl":
+                    rec.update(nll=nll[j], tokens=len(plans[j]["forced"]))
+                else:
+                    text = tokenizer.decode(gen[j], skip_special_tokens=True)
+                    rec.update(score=score_output(s, text), output=text)
+                records.append(rec)
+            del cache
+            if progress is not None:
+                progress.update(1)
+    layouts_by_method = {s.name: layouts[f"{s.name}@{budget_key(budgets[0])}"] for s in specs}
+    meta = {"eval_seconds": round(time.perf_counter() - t0, 1), "samples": len(samples),
+            "avg_block_size": avg_block_size, "sink_tokens": sink_tokens,
+            "local_tokens": local_tokens, "group_reduce": group_reduce, "page_size": page_size,
+            "summary_kib_per_1k": {k: summary_kib_per_1k(v, head_dim) for k, v in layouts.items()},
+            "head_dim": head_dim}
+    return EvalResult(records, list(methods), list(budgets), layouts_by_method, dict(stats), meta)
+
+
+def num_runs(num_samples: int, batch_size: int, budgets, methods) -> int:
+    """Progress-bar total of :func:`evaluate`: (batches) x (dense + budgets x methods)."""
+    return math.ceil(num_samples / batch_size) * (1 + len(budgets) * len(methods))
+
+
+# --- report --------------------------------------------------------------------------------------
+def _fmt(x: Optional[float], digits: int = 1) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{digits}f}"
+
+
+def write_report(result: EvalResult, path: Union[str, Path], header: str = "") -> str:
+    """Markdown tables: average accuracy per method and budget, per-task accuracy, NLL of the
+    ppl documents, selection disagreement vs fp32 summaries, summary memory, and the goal check."""
+    bk = result.budget_keys()
+    tasks = result.task_names()
+    kib = result.meta.get("summary_kib_per_1k", {})
+    lines = [header] if header else []
+    lines += ["## Average task accuracy (%, macro over " + ", ".join(tasks) + ")", "",
+              "| method | summary KiB / 1K tok | " + " | ".join(f"budget {b}" for b in bk) + " |",
+              "|---|---|" + "---|" * len(bk)]
+    dense = result.accuracy("dense", None)
+    lines.append("| dense | 0 | " + " | ".join(_fmt(dense) for _ in bk) + " |")
+    for m in result.methods:
+        mem = kib.get(f"{m}@{bk[0]}")
+        lines.append(f"| {m} | {_fmt(mem)} | " +
+                     " | ".join(_fmt(result.accuracy(m, b)) for b in bk) + " |")
+    lines += ["", "## Accuracy per task (%)", "",
+              "| method | budget | " + " | ".join(tasks) + " | ppl NLL / token |",
+              "|---|---|" + "---|" * (len(tasks) + 1)]
+    lines.append("| dense | - | " + " | ".join(_fmt(result.accuracy("dense", None, t))
+                                               for t in tasks) +
+                 f" | {_fmt(result.nll('dense', None), 3)} |")
+    for b in bk:
+        for m in result.methods:
+            lines.append(f"| {m} | {b} | " + " | ".join(_fmt(result.accuracy(m, b, t))
+                                                        for t in tasks) +
+                         f" | {_fmt(result.nll(m, b), 3)} |")
+    lines += ["", "## Selection disagreement with fp32 summaries", "",
+              "Share (%) of the blocks that fp32 summaries of the same layout select, for the same "
+              "query at every decode step, which the quantized summaries do not select.", "",
+              "| method | " + " | ".join(f"budget {b}" for b in bk) + " |",
+              "|---|" + "---|" * len(bk)]
+    for m in result.methods:
+        rates = [result.disagreement(m, b) for b in bk]
+        if any(r is not None for r in rates):
+            lines.append(f"| {m} | " + " | ".join(_fmt(None if r is None else 100 * r, 2)
+                                                  for r in rates) + " |")
+    g = result.goal()
+    lines += ["", f"## Goal check (tightest budget: {g['budget']}; dense accuracy "
+              f"{_fmt(g['dense'])}%)", "",
+              "Targets: AB-Sparse >= +3.0 points over its uniform base; int4c summaries within "
+              "0.5 points of bf16. (w/l) = samples the first method scores higher / lower on.", ""]
+    for m, ref, kind, c in g["pairs"]:
+        ok = c["delta"] >= 3.0 if kind == "adaptive" else abs(c["delta"]) < 0.5
+        lines.append(f"- {m} vs {ref}: {c['delta']:+.1f} points ({c['wins']}/{c['losses']}): "
+                     f"{'met' if ok else 'not met'}")
+    lines += ["", "| comparison | " + " | ".join(f"budget {b}" for b in bk) + " |",
+              "|---|" + "---|" * len(bk)]
+    for m, ref, _ in result.pairs():
+        cells = []
+        for b in bk:
+            c = result.compare(m, ref, b)
+            cells.append(f"{c['delta']:+.1f} ({c['wins']}/{c['losses']})")
+        lines.append(f"| {m} - {ref} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    Path(path).write_text(text)
+    return text
+
+
+def plot_accuracy(result: EvalResult, path: Union[str, Path]) -> None:
+    """Average task accuracy vs budget, one line per method (dense as a horizontal line)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bk = result.budget_keys()
+    x = list(range(len(bk)))
+    colors = {"quest": "tab:blue", "arkvale": "tab:orange", "mean": "tab:green"}
+    markers = {"fp32": "P", "fp16": "X", "bf16": "o", "int8c": "s", "int4c": "^"}
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    ax.axhline(result.accuracy("dense", None), color="black", ls="--", label="dense")
+    for m in result.methods:
+        spec = parse_method(m)
+        style = ("-" if spec.adaptive else ":") if not spec.dense_first else \
+            ("-." if spec.adaptive else (0, (1, 3)))
+        ax.plot(x, [result.accuracy(m, b) for b in bk], linestyle=style,
+                color=colors[spec.base], marker="D" if spec.memory_matched else
+                markers[spec.format], alpha=0.85, label=m)
+    ax.set_xticks(x, [f"budget {b}" for b in bk])
+    ax.set_ylabel("average task accuracy (%)")
+    ax.set_xlabel("token budget (dotted: uniform blocks, solid: AB-Sparse; marker: summary format)")
+    ax.set_title(result.meta.get("title", "accuracy vs token budget"))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_block_sizes(layouts: Dict[str, ModelLayout], path: Union[str, Path]) -> None:
+    """Heat map of the block size of every layer x KV head, one panel per layout."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(layouts)
+    sizes = [int(b) for lay in layouts.values() for l in lay.layers if l is not None
+             for b in l.block_sizes.tolist()]
+    lo, hi = math.log2(min(sizes)), max(math.log2(max(sizes)), math.log2(min(sizes)) + 1)
+    fig, axes = plt.subplots(1, len(names), figsize=(2.4 + 1.8 * len(names), 7), squeeze=False,
+                             sharey=True, layout="constrained")
+    for n, (ax, name) in enumerate(zip(axes[0], names)):
+        lay = layouts[name]
+        hk = next(l.num_kv_heads for l in lay.layers if l is not None)
+        grid = torch.full((len(lay), hk), float("nan"))
+        for i, l in enumerate(lay.layers):
+            if l is not None:
+                grid[i] = torch.log2(l.block_sizes.float())
+        im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", vmin=lo, vmax=hi)
+        for i, l in enumerate(lay.layers):
+            for h in range(hk):
+                label = "D" if l is None else str(int(l.block_sizes[h]))
+                light = l is not None and math.log2(int(l.block_sizes[h])) > (lo + hi) / 2
+                ax.text(h, i, label, ha="center", va="center", fontsize=6,
+                        color="black" if light else "white")
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("KV head")
+        ax.set_xticks(range(hk))
+        if n == 0:
+            ax.set_ylabel("layer")
+    cbar = fig.colorbar(im, ax=axes[0].tolist(), shrink=0.6)
+    cbar.set_label("log2 block size")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
