@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absparse/error.h"
+#include "block_summary.h"
 
 // x86-64 builds target the SSE2 baseline; the two hot loops below (float32 -> float64 multiply-add
 // and multiply-max-add, vectorized over tokens or blocks) also get an AVX2 clone picked at load
@@ -47,39 +48,9 @@ void check_candidates(const char* fn, const int32_t* candidates, int32_t count) 
 }
 
 // ---- Shared with the decode pipeline ------------------------------------------------------------
-// The two functions below restate, operation for operation, static helpers of other files so that
-// head_recall scores exactly what the pipeline scores (same float32 summaries, bitwise-same block
-// logits). Keep them in sync; exposing the originals in a header would remove the copies:
-//   summarize_block  <- cpp/src/summaries.cpp  summarize_block
-//   block_logits     <- cpp/src/select_blocks.cpp  block_logit (here for a run of blocks at once)
-
-// Summary vectors of one complete block of bs keys (float64 reductions, rounded once to float32).
-// keys: [bs * D] float32. out: R vectors of D float32 (mean: c; minmax/cuboid: hi then lo).
-void summarize_block(SummaryKind kind, const float* keys, int32_t bs, int32_t dim, float* out) {
-  for (int32_t d = 0; d < dim; ++d) {
-    if (kind == SummaryKind::kMean) {
-      double sum = 0.0;
-      for (int32_t t = 0; t < bs; ++t) sum += keys[t * dim + d];
-      out[d] = static_cast<float>(sum / bs);
-      continue;
-    }
-    double hi = keys[d], lo = keys[d];
-    for (int32_t t = 1; t < bs; ++t) {
-      hi = std::max<double>(hi, keys[t * dim + d]);
-      lo = std::min<double>(lo, keys[t * dim + d]);
-    }
-    if (kind == SummaryKind::kCuboid) {
-      const double centre = (hi + lo) / 2.0;
-      double dev = 0.0;
-      for (int32_t t = 0; t < bs; ++t) dev += std::fabs(keys[t * dim + d] - centre);
-      const double radius = dev / bs;
-      hi = centre + radius;
-      lo = centre - radius;
-    }
-    out[d] = static_cast<float>(hi);
-    out[dim + d] = static_cast<float>(lo);
-  }
-}
+// Summaries come from detail::summarize_block (block_summary.h), shared with update_centroids.
+// block_logits below restates, operation for operation, select_blocks.cpp's block_logit for a run
+// of blocks at once (channel-major, vectorizable), so head_recall's logits are bitwise the same.
 
 // Block logits of blocks [0, count) of a channel-major summary table, for one query q (float64):
 //   mean:        s * sum_d q_d c_d
@@ -298,7 +269,7 @@ void head_recall_cpu(const HeadRecallParams& p) {
       std::vector<float>& table = summaries[c];
       table.assign(static_cast<size_t>(num_vectors) * dim * nb, 0.0f);
       for (int64_t j = 0; j < nb; ++j) {
-        summarize_block(p.kind, keys_h.data() + j * bs * dim, bs, dim, block_vectors.data());
+        detail::summarize_block(p.kind, keys_h.data() + j * bs * dim, bs, dim, block_vectors.data());
         for (int32_t r = 0; r < num_vectors; ++r) {
           for (int32_t d = 0; d < dim; ++d) {
             table[(static_cast<size_t>(r) * dim + d) * nb + j] = block_vectors[r * dim + d];

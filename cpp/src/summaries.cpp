@@ -5,37 +5,9 @@
 
 #include "absparse/decode.h"
 #include "absparse/quantize.h"
+#include "block_summary.h"
 
 namespace absparse {
-
-// Summary vectors of one complete block of bs keys (float64 reductions, rounded once to float32).
-// keys: [bs * D] float32. out: R vectors of D float32 (mean: c; minmax/cuboid: hi then lo).
-static void summarize_block(SummaryKind kind, const float* keys, int32_t bs, int32_t dim,
-                            float* out) {
-  for (int32_t d = 0; d < dim; ++d) {
-    if (kind == SummaryKind::kMean) {
-      double sum = 0.0;
-      for (int32_t t = 0; t < bs; ++t) sum += keys[t * dim + d];
-      out[d] = static_cast<float>(sum / bs);
-      continue;
-    }
-    double hi = keys[d], lo = keys[d];
-    for (int32_t t = 1; t < bs; ++t) {
-      hi = std::max<double>(hi, keys[t * dim + d]);
-      lo = std::min<double>(lo, keys[t * dim + d]);
-    }
-    if (kind == SummaryKind::kCuboid) {
-      const double centre = (hi + lo) / 2.0;
-      double dev = 0.0;
-      for (int32_t t = 0; t < bs; ++t) dev += std::fabs(keys[t * dim + d] - centre);
-      const double radius = dev / bs;
-      hi = centre + radius;
-      lo = centre - radius;
-    }
-    out[d] = static_cast<float>(hi);
-    out[dim + d] = static_cast<float>(lo);
-  }
-}
 
 void update_centroids_cpu(const UpdateCentroidsParams& p) {
   check_update_centroids(p);
@@ -74,7 +46,7 @@ void update_centroids_cpu(const UpdateCentroidsParams& p) {
             keys[static_cast<size_t>(t) * dim + d] = load_float(p.k_cache.data, offset + d, p.dtype);
           }
         }
-        summarize_block(layout.kind(), keys.data(), bs, dim, vectors.data());
+        detail::summarize_block(layout.kind(), keys.data(), bs, dim, vectors.data());
         const int64_t slot = layout.slot_offset(h) + in_page / bs;
         for (int32_t r = 0; r < num_vectors; ++r) {
           const int64_t at = page * p.summaries.stride_page + slot * p.summaries.stride_slot +
