@@ -491,17 +491,7 @@ void launch_score(const SelectArgs& a, dim3 grid, size_t smem, cudaStream_t stre
 
 void check_select(const char* fn, const SelectBlocksParams& p) {
   const BatchGeometry& g = p.geometry;
-  ABSPARSE_CHECK_ARG(p.layout != nullptr, fn, "layout: expected a LayerLayout, got none");
-  const LayerLayout& layout = *p.layout;
-  ABSPARSE_CHECK_ARG(layout.num_kv_heads() == g.num_kv_heads, fn,
-                     "layout.block_sizes: expected one block size per KV head (", g.num_kv_heads,
-                     "), got ", layout.num_kv_heads());
-  ABSPARSE_CHECK_ARG(g.num_kv_heads > 0 && g.num_kv_heads <= kCudaMaxKvHeads, fn,
-                     "layout: the CUDA kernels support 1 to ", kCudaMaxKvHeads,
-                     " KV heads, got ", g.num_kv_heads);
-  ABSPARSE_CHECK_ARG(layout.page_size() == g.page_size && is_power_of_two(g.page_size), fn,
-                     "layout.page_size: expected the cache's page size ", g.page_size, ", got ",
-                     layout.page_size());
+  const LayerLayout& layout = check_cuda_layout(fn, p.layout, g, "layout");
   ABSPARSE_CHECK_ARG(p.num_q_heads > 0 && p.num_q_heads % g.num_kv_heads == 0, fn,
                      "q: expected a number of query heads that is a positive multiple of the ",
                      g.num_kv_heads, " KV heads, got ", p.num_q_heads);

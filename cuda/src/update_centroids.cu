@@ -223,17 +223,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const __grid_constant_
 void run_update_centroids(const UpdateCentroidsParams& p) {
   const char* fn = "update_centroids";
   const BatchGeometry& g = p.geometry;
-  ABSPARSE_CHECK_ARG(p.layout != nullptr, fn, "layout: expected a LayerLayout, got none");
-  const LayerLayout& layout = *p.layout;
-  ABSPARSE_CHECK_ARG(layout.num_kv_heads() == g.num_kv_heads, fn,
-                     "layout.block_sizes: expected one block size per KV head (", g.num_kv_heads,
-                     "), got ", layout.num_kv_heads());
-  ABSPARSE_CHECK_ARG(g.num_kv_heads > 0 && g.num_kv_heads <= kCudaMaxKvHeads, fn,
-                     "k_cache: the CUDA kernels support 1 to ", kCudaMaxKvHeads,
-                     " KV heads, got ", g.num_kv_heads);
-  ABSPARSE_CHECK_ARG(layout.page_size() == g.page_size && is_power_of_two(g.page_size), fn,
-                     "layout.page_size: expected the cache's page size ", g.page_size, ", got ",
-                     layout.page_size());
+  const LayerLayout& layout = check_cuda_layout(fn, p.layout, g, "k_cache");
   ABSPARSE_CHECK_ARG(g.head_dim == 64 || g.head_dim == 128 || g.head_dim == 256, fn,
                      "head_dim: the CUDA kernels support 64, 128 and 256, got ", g.head_dim);
   ABSPARSE_CHECK_ARG(p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16, fn,
