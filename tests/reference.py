@@ -320,6 +320,17 @@ def top_k_lower_index(scores: torch.Tensor, k: int) -> List[int]:
     return sorted(order[:k].tolist())
 
 
+def max_blocks_bound(layout: RefLayout, max_pages: int, token_budget, sink_tokens: int,
+                     local_tokens: int) -> int:
+    """Default capacity of select_blocks (docs/decode.md), without reading any length: with
+    C = max_pages * P and T the budget in tokens (ceil(f * C) for a fraction f),
+    max over heads of min(C // bs, max(ceil(sink / bs) + ceil(local / bs), T // bs))."""
+    C = max_pages * layout.page_size
+    T = math.ceil(token_budget * C) if isinstance(token_budget, float) else token_budget
+    return max(min(C // bs, max(-(-sink_tokens // bs) + -(-local_tokens // bs), T // bs))
+               for bs in layout.block_sizes)
+
+
 def select_blocks(q, summaries, scales, page_table, seq_lens, layout: RefLayout, token_budget,
                   sink_tokens=16, local_tokens=64, group_reduce="max", max_blocks=None,
                   scale=None):
@@ -332,8 +343,8 @@ def select_blocks(q, summaries, scales, page_table, seq_lens, layout: RefLayout,
     G = Hq // Hk
     s = default_scale(D) if scale is None else scale
     if max_blocks is None:
-        max_pages = page_table.shape[1]
-        max_blocks = -(-(max_pages * layout.page_size) // min(layout.block_sizes))
+        max_blocks = max_blocks_bound(layout, page_table.shape[1], token_budget, sink_tokens,
+                                      local_tokens)
     indices = torch.full((B, Hk, max_blocks), -1, dtype=torch.int32)  # [B, Hk, max_blocks]
     counts = torch.zeros(B, Hk, dtype=torch.int32)               # [B, Hk]
     for b in range(B):

@@ -79,7 +79,8 @@ def test_select_matches_reference(ab, case):
     inp = make_inputs(case)
     summaries, scales = _ref_summaries(case, inp)
     idx, cnt = _check_case(ab, case, inp, summaries, scales)
-    M = default_max_blocks(inp.page_table.shape[1], case.page_size, case.block_sizes)
+    M = ref.max_blocks_bound(inp.ref_layout, inp.page_table.shape[1], case.budget, case.sink,
+                             case.local)
     assert idx.shape == (len(case.seq_lens), case.num_kv_heads, M)
     if case.group_reduce == "max" and case.budget != 1 << 20:    # the other reduction too
         _check_case(ab, case, inp, summaries, scales, group_reduce="softmax_sum", scale=0.3)
@@ -215,7 +216,8 @@ def test_empty_batch(ab):
     pt = torch.zeros(0, 5, dtype=torch.int32)
     idx, cnt = ab.select_blocks(q, summaries, scales, pt, torch.zeros(0, dtype=torch.int32),
                                 layout, 64)
-    assert idx.shape == (0, 2, 20) and cnt.shape == (0, 2)
+    # default capacity: 8-token blocks keep at most 2 sink + 8 local blocks (budget 64: 8 blocks)
+    assert idx.shape == (0, 2, 10) and cnt.shape == (0, 2)
 
 
 def test_explicit_capacity_pads_with_minus_one(ab):

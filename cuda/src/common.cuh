@@ -1,5 +1,6 @@
 // Shared pieces of the absparse CUDA kernels: error checks, dispatch, dtype loads, the device copy
-// of the selection arithmetic, clamping of device-side values, warp reductions.
+// of the selection arithmetic, clamping of device-side values, warp reductions. The tensor-core and
+// copy primitives live in mma.cuh.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -74,24 +75,6 @@ inline int log2_exact(int64_t x) {
   return l;
 }
 inline bool is_power_of_two(int64_t x) { return x > 0 && (x & (x - 1)) == 0; }
-
-// Host checks shared by the launchers that take a LayerLayout: it exists, matches the cache's
-// KV heads and page size, and has a head count the kernels support. `what` names the tensor
-// whose head count is reported in the message.
-inline const LayerLayout& check_cuda_layout(const char* fn, const LayerLayout* layout,
-                                            const BatchGeometry& g, const char* what) {
-  ABSPARSE_CHECK_ARG(layout != nullptr, fn, "layout: expected a LayerLayout, got none");
-  ABSPARSE_CHECK_ARG(layout->num_kv_heads() == g.num_kv_heads, fn,
-                     "layout.block_sizes: expected one block size per KV head (", g.num_kv_heads,
-                     "), got ", layout->num_kv_heads());
-  ABSPARSE_CHECK_ARG(g.num_kv_heads > 0 && g.num_kv_heads <= kCudaMaxKvHeads, fn, what,
-                     ": the CUDA kernels support 1 to ", kCudaMaxKvHeads, " KV heads, got ",
-                     g.num_kv_heads);
-  ABSPARSE_CHECK_ARG(layout->page_size() == g.page_size && is_power_of_two(g.page_size), fn,
-                     "layout.page_size: expected the cache's page size ", g.page_size, ", got ",
-                     layout->page_size());
-  return *layout;
-}
 
 // A device-side length: seq_lens[b] clamped to what the page table can hold (docs in
 // absparse/decode_cuda.h: values are never trusted on the device).

@@ -1,46 +1,50 @@
-// sparse_decode / dense_decode on the GPU (docs/decode.md, "Sparse attention").
+// sparse_decode / dense_decode on the GPU (docs/decode.md, "Sparse attention"): one launch.
 //
-// The attended set of (sequence b, KV head h) is walked as a list of positions: sparse, position
-// p lies in listed block i = p >> log2 bs_h (token list[i] * bs_h + p % bs_h), and the positions
-// after the count * bs_h of the listed blocks are the partial tail [n bs_h, L_b); dense is the
-// same walk with "blocks" = pages and the identity list. A block or the tail never spans a page
-// (bs_h divides P), so one page-table lookup gives each row's address: no per-token index
-// expansion, every head's block size in the same launch.
+// The attended set of (sequence b, KV head h) is a list of entries of 2^log2_bs positions each:
+// sparse, the `count` listed blocks of bs_h tokens, then the partial tail [n bs_h, L_b) as one more
+// entry; dense, the pages of the sequence (identity list, bs = P, the last page partial). An entry
+// never spans a page (bs_h divides P), so one page-table lookup per entry gives the address of all
+// its rows: every head's block size runs in the same launch with no per-token index expansion.
 //
-// attention_kernel<T, D>: grid (B, Hk, S), 128 threads (4 warps). CTA (b, h, s) attends
-// positions [s per, (s+1) per) of (b, h) for the G query heads of the group at once (one K/V read
-// per group), with mma.sync m16n8k16 (G padded to 16 rows):
-//   - tiles of 32 positions; warp 0 turns the positions of tile t+2 into K/V row offsets (one
-//     block-list and one page-table load per row) while tile t+1 loads: K and V rows go to shared
-//     memory with 16-byte cp.async (zero-filled for rows past the end or with a bad entry), two
-//     stages; rows are padded by 16 bytes so ldmatrix is conflict-free;
-//   - S = Q K^T: warp w scores the 8 positions [8w, 8w+8) over all of D; the row maximum and sum
-//     of the online softmax combine the 4 warps through shared memory in a fixed order;
-//   - O += P V: warp w owns the channels [w D/4, (w+1) D/4); P is written to shared memory as a
-//     high and a low fp16/bf16 part (P = hi + lo to ~2^-16), two MMAs each, so P V keeps float32
-//     accuracy.
-// Split-KV (decode_attention_num_splits): S and per = max(ceil(total / S), 128) rounded up to the
-// tile depend only on capacities and on (b, h)'s own total, so results do not depend on the other
-// sequences of the batch. With S > 1 each CTA writes a normalized partial output and its lse (log2
-// units) to the workspace, and merge_kernel (one warp per (b, query head)) combines the splits in
-// order with LSE weights.
+// attention_kernel<T, D, kNT>: grid (S, Hk, B), clusters of (S, 1, 1), 128 threads (4 warps).
+// The S CTAs of a cluster split the positions of (b, h) into equal ranges (multiples of the
+// 64-position tile; S from capacities only, so a sequence's results never depend on the rest of
+// the batch) and attend them for the G query heads of the group (one K/V read per group):
+//   - prologue: the CTA's entries are resolved once (block list -> page table -> K/V row bases in
+//     shared memory, all entries in parallel); ranges of more than kMaxEntries entries run in
+//     segments;
+//   - K and V tiles of 64 rows stream into shared memory with 16-byte cp.async (zero-filled for
+//     masked rows), `stages` buffers deep, one barrier per tile;
+//   - each warp owns 16 positions of a tile for both products, with its own online softmax (no
+//     cross-warp reduction per tile), operands swapped so that positions are the MMA's M and the
+//     group's heads its N (8 per n-tile, kNT = ceil(G / 8)): S^T = K Q^T, O^T += V^T P^T, with P
+//     split into a high and a low 16-bit part (P = hi + lo to ~2^-16) so P V keeps float32
+//     accuracy;
+//   - merge: every warp leaves (m, l, O) in shared memory, and after a cluster barrier each CTA
+//     combines all S x 4 partials of a share of the outputs, reading the other CTAs' shared memory
+//     (distributed shared memory) in a fixed order: deterministic, no workspace, no second launch.
+#include <cooperative_groups.h>
+
 #include <atomic>
 
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace absparse::cuda {
 namespace {
 
+namespace cg = cooperative_groups;
+
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kTileN = 32;           // positions per tile: 8 per warp in S = Q K^T
-constexpr int kRows = 16;            // MMA rows: the group's query heads, padded
-constexpr int kPad = 8;              // row padding in elements (16 bytes)
-constexpr int kMaxSplits = 32;
-constexpr int64_t kSplitCapacityTokens = 256;  // one more split per 256 tokens of capacity
-constexpr int64_t kMinSplitTokens = 128;       // a split attends at least this many positions
+constexpr int kTileRows = 16 * kWarps;   // positions per tile: 16 per warp
+constexpr int kPad = 8;                  // row padding in elements (16 bytes): conflict-free ldmatrix
+constexpr int kMaxEntries = 256;         // entries resolved per segment
+constexpr int kMaxClusterSplits = 16;
+constexpr int64_t kSplitTargetPositions = 128;  // S = ceil(capacity positions / this), capped
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr size_t kSmemLimit = 227 * 1024;
 
 struct AttnArgs {
   const void* q;
@@ -61,19 +65,18 @@ struct AttnArgs {
   int64_t num_pages;
   int64_t capacity;  // max_pages * P
   int log2_page;
-  int batch, num_kv_heads, group, head_dim;
-  int num_splits;
+  int num_kv_heads, group;
+  int num_splits;  // S, the cluster size
+  int stages;      // K/V tile buffers
   float scale_log2;  // scale * log2(e)
   void* out;
   int64_t out_stride_batch, out_stride_head;
   float* lse;  // may be null
   int64_t lse_stride_batch, lse_stride_head;
-  float* part_out;  // [S, B, Hq, D] (S > 1)
-  float* part_lse;  // [S, B, Hq], log2 units
   uint8_t log2_block[kCudaMaxKvHeads];
 };
 
-// The attended positions of (b, h): `count` listed blocks of 1 << log2_bs tokens, then the tail.
+// The attended positions of (b, h): `count` entries of 1 << log2_bs positions, then the tail.
 struct AttendSet {
   int64_t len, num_blocks, count, total;
   int log2_bs;
@@ -92,544 +95,528 @@ __device__ inline AttendSet attend_set(const AttnArgs& a, int b, int h) {
   return s;
 }
 
-// Positions per split: a multiple of the tile, at least kMinSplitTokens (or all of a short set).
-__host__ __device__ inline int64_t split_positions(int64_t total, int num_splits) {
-  int64_t per = num_splits > 1 ? max64(ceil_div(total, num_splits), kMinSplitTokens) : total;
-  return max64(ceil_div(per, kTileN) * kTileN, kTileN);
-}
-
-template <typename T, int D>
-struct AttnSmem {
+// Shared memory of one CTA (T = element type, kG = 8 kNT padded heads).
+template <typename T, int D, int kNT>
+struct AttnLayout {
+  static constexpr int kG = 8 * kNT;
   static constexpr int kStride = D + kPad;
-  static constexpr int kPStride = kTileN + kPad;
-  T k[2][kTileN][kStride];
-  T v[2][kTileN][kStride];
-  T q[kRows][kStride];
-  T p_hi[kRows][kPStride];
-  T p_lo[kRows][kPStride];
-  float red_max[kWarps][kRows];
-  float red_sum[kWarps][kRows];
-  int64_t k_off[3][kTileN];  // element offsets of the rows of three tiles; -1: skip the row
-  int64_t v_off[3][kTileN];
+  static constexpr int kPStride = 16 + kPad;
+  static constexpr size_t kTileBytes = sizeof(T) * kTileRows * kStride;  // one K or V tile
+  struct Fixed {
+    T q[kG][kStride];
+    T p[kWarps][kNT][2][8][kPStride];  // per warp: P (hi, lo) [head][position]
+    int64_t k_base[kMaxEntries];       // element offset of an entry's first K row; -1: masked
+    int64_t v_base[kMaxEntries];
+  };
+  // Merge area (reuses the tile buffers once the pipeline has drained).
+  struct Merge {
+    float m[kWarps][kG];
+    float l[kWarps][kG];
+    int valid[kWarps];
+    float weight[kMaxClusterSplits][kWarps][kG];  // exp2(m - M) of every partial of the cluster
+    float inv[kG];                                // 1 / sum of the weighted l; 0: nothing attended
+    float o[kWarps][kG][D];
+  };
+  static size_t bytes(int stages) {
+    const size_t tiles = 2 * kTileBytes * stages;
+    return sizeof(Fixed) + (tiles > sizeof(Merge) ? tiles : sizeof(Merge));
+  }
 };
 
-__device__ inline uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global -> shared copy; zero-fills the destination when !valid (src is not read).
-__device__ inline void cp_async_16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ inline void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ inline void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p))
-               : "memory");
-}
-__device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p))
-               : "memory");
-}
-
-// D (16x8, f32) += A (16x16, row) * B (16x8, col).
-template <typename T>
-__device__ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-template <>
-__device__ inline void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                         uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ inline void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-template <typename T> __device__ inline uint16_t bits16(T x);
-template <> __device__ inline uint16_t bits16<__half>(__half x) { return __half_as_ushort(x); }
-template <> __device__ inline uint16_t bits16<__nv_bfloat16>(__nv_bfloat16 x) {
-  return __bfloat16_as_ushort(x);
-}
-// Two elements as one 32-bit word: `first` at the lower address.
-template <typename T>
-__device__ inline uint32_t pack2(T first, T second) {
-  return static_cast<uint32_t>(bits16(first)) | (static_cast<uint32_t>(bits16(second)) << 16);
-}
-
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) attention_kernel(const __grid_constant__ AttnArgs a) {
-  using Smem = AttnSmem<T, D>;
-  constexpr int kChunks = D / 8;     // 16-byte chunks per row
-  constexpr int kNT = D / 32;        // n-tiles of 8 channels per warp in O
+template <typename T, int D, int kNT>
+__global__ void __launch_bounds__(kThreads)
+    attention_kernel(const __grid_constant__ AttnArgs a) {
+  using L = AttnLayout<T, D, kNT>;
+  using Fixed = typename L::Fixed;
+  using Merge = typename L::Merge;
+  constexpr int kG = L::kG;
+  constexpr int kStride = L::kStride;
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  Smem& s = *reinterpret_cast<Smem*>(smem_raw);
+  Fixed& fx = *reinterpret_cast<Fixed*>(smem_raw);
+  unsigned char* tiles = smem_raw + sizeof(Fixed);
+  Merge& mg = *reinterpret_cast<Merge*>(tiles);
+  const int stages = a.stages;
+  auto k_tile = [&](int stage) {
+    return reinterpret_cast<T(*)[kStride]>(tiles + (2 * stage) * L::kTileBytes);
+  };
+  auto v_tile = [&](int stage) {
+    return reinterpret_cast<T(*)[kStride]>(tiles + (2 * stage + 1) * L::kTileBytes);
+  };
 
-  const int b = blockIdx.x, h = blockIdx.y, split = blockIdx.z;
+  cg::cluster_group cluster = cg::this_cluster();
+  const int split = static_cast<int>(cluster.block_rank());
+  const int h = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int gid = lane >> 2, tq = lane & 3;  // MMA fragment coordinates
-  const AttendSet set = attend_set(a, b, h);
-  const int64_t per = split_positions(set.total, a.num_splits);
-  const int64_t begin = split * per;
-  if (a.num_splits > 1 && begin >= set.total) return;  // nothing for this split (uniform)
-  const int64_t end = min64(begin + per, set.total);
+  const int gid = lane >> 2, tq = lane & 3;
   const int group = a.group;
 
+  // Queries of the group, rows padded with zeros to kG.
   const T* q = static_cast<const T*>(a.q) + b * a.q_stride_batch +
                static_cast<int64_t>(h) * group * a.q_stride_head;
-  for (int i = tid; i < kRows * D; i += kThreads) {
-    const int row = i / D, d = i % D;
-    s.q[row][d] = row < group ? q[row * a.q_stride_head + d] : from_float<T>(0.0f);
+  for (int i = tid; i < kG * kChunks; i += kThreads) {
+    const int row = i / kChunks, c = i % kChunks;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (row < group) {
+      const T* src = q + row * a.q_stride_head + c * 8;
+      // q rows need not be 16-byte aligned (any strides): copy element-wise.
+      uint16_t e[8];
+#pragma unroll
+      for (int x = 0; x < 8; ++x) e[x] = bits16(src[x]);
+      v = make_uint4(pack_bits(e[0], e[1]), pack_bits(e[2], e[3]), pack_bits(e[4], e[5]),
+                     pack_bits(e[6], e[7]));
+    }
+    *reinterpret_cast<uint4*>(&fx.q[row][c * 8]) = v;
   }
 
-  const T* kbase = static_cast<const T*>(a.k);
-  const T* vbase = static_cast<const T*>(a.v);
+  const AttendSet set = attend_set(a, b, h);
+  const int64_t per = max64(ceil_div(ceil_div(set.total, a.num_splits), kTileRows) * kTileRows,
+                            kTileRows);
+  const int64_t begin = min64(static_cast<int64_t>(split) * per, set.total);
+  const int64_t end = min64(begin + per, set.total);
   const int32_t* pages = a.page_table + b * a.page_table_stride_batch;
   const int32_t* list = a.block_indices
                             ? a.block_indices + b * a.bi_stride_batch + h * a.bi_stride_head
                             : nullptr;
-  const int64_t page_mask = (int64_t{1} << a.log2_page) - 1;
-  const int64_t block_mask = (int64_t{1} << set.log2_bs) - 1;
+  const int log2_bs = set.log2_bs;
+  const int64_t block_mask = (int64_t{1} << log2_bs) - 1;
+  const T* kbase = static_cast<const T*>(a.k);
+  const T* vbase = static_cast<const T*>(a.v);
 
-  // Warp 0: row offsets of tile `tile` into slot `slot` (lane = row).
-  auto offsets = [&](int64_t tile, int slot) {
-    const int64_t pos = begin + tile * kTileN + lane;
-    int64_t ko = -1, vo = -1;
-    if (pos < end) {
-      const int64_t i = pos >> set.log2_bs;
-      int64_t block = i;  // dense: the identity (the last, partial page included)
-      bool block_ok = true;
+  // Online softmax state of this warp: heads 8 nt + 2 tq (+1), identical across the gid lanes.
+  float m_run[kNT][2], l_part[kNT][2];
+  float o[kNT][D / 16][4];
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+    m_run[nt][0] = m_run[nt][1] = -INFINITY;
+    l_part[nt][0] = l_part[nt][1] = 0.0f;
+#pragma unroll
+    for (int mt = 0; mt < D / 16; ++mt) o[nt][mt][0] = o[nt][mt][1] = o[nt][mt][2] = o[nt][mt][3] = 0.0f;
+  }
+  int valid_rows = 0;  // positions of this warp that were attended (not masked)
+
+  // Segments of at most kMaxEntries entries: [seg_begin, seg_end) positions.
+  const int64_t entries_per_segment = kMaxEntries;
+  for (int64_t seg_begin = begin; seg_begin < end;) {
+    const int64_t e0 = seg_begin >> log2_bs;
+    const int64_t seg_end = min64(end, (e0 + entries_per_segment) << log2_bs);
+    const int64_t e1 = ceil_div(seg_end, int64_t{1} << log2_bs);
+    __syncthreads();  // the previous segment's entries and tiles are no longer read
+    for (int64_t e = e0 + tid; e < e1; e += kThreads) {
+      int64_t kb = -1, vb = -1;
+      int64_t block = e;  // dense: the identity (the last, partial page included)
+      bool ok = true;
       if (list != nullptr) {
-        if (i < set.count) {  // a listed block: skipped unless in [0, n)
-          block = list[i * a.bi_stride_slot];
-          block_ok = block >= 0 && block < set.num_blocks;
+        if (e < set.count) {  // a listed block: skipped unless in [0, n)
+          block = list[e * a.bi_stride_slot];
+          ok = block >= 0 && block < set.num_blocks;
         } else {
           block = set.num_blocks;  // the partial tail [n bs, L)
         }
       }
-      const int64_t token = block_ok ? (block << set.log2_bs) + (pos & block_mask) : set.len;
-      if (token < set.len) {
-        const int64_t page = pages[(token >> a.log2_page) * a.page_table_stride_page];
+      if (ok) {
+        const int64_t token0 = block << log2_bs;
+        const int64_t page = pages[(token0 >> a.log2_page) * a.page_table_stride_page];
         if (page >= 0 && page < a.num_pages) {
-          const int64_t in_page = token & page_mask;
-          ko = page * a.k_stride_page + in_page * a.k_stride_token + h * a.k_stride_head;
-          vo = page * a.v_stride_page + in_page * a.v_stride_token + h * a.v_stride_head;
+          const int64_t in_page = token0 & ((int64_t{1} << a.log2_page) - 1);
+          kb = page * a.k_stride_page + in_page * a.k_stride_token + h * a.k_stride_head;
+          vb = page * a.v_stride_page + in_page * a.v_stride_token + h * a.v_stride_head;
         }
       }
-    }
-    s.k_off[slot][lane] = ko;
-    s.v_off[slot][lane] = vo;
-  };
-  // All threads: cp.async of a tile's K and V rows into `stage`.
-  auto issue = [&](int stage, int slot) {
-#pragma unroll
-    for (int it = 0; it < kTileN * kChunks / kThreads; ++it) {
-      const int i = tid + it * kThreads;
-      const int row = i / kChunks, ch = i % kChunks;
-      const int64_t ko = s.k_off[slot][row], vo = s.v_off[slot][row];
-      cp_async_16(&s.k[stage][row][ch * 8], kbase + (ko >= 0 ? ko + ch * 8 : 0), ko >= 0);
-      cp_async_16(&s.v[stage][row][ch * 8], vbase + (vo >= 0 ? vo + ch * 8 : 0), vo >= 0);
-    }
-  };
-
-  const int64_t num_tiles = end > begin ? ceil_div(end - begin, kTileN) : 0;
-  if (num_tiles > 0) {
-    if (warp == 0) {
-      offsets(0, 0);
-      if (num_tiles > 1) offsets(1, 1);
+      fx.k_base[e - e0] = kb;
+      fx.v_base[e - e0] = vb;
     }
     __syncthreads();
-    issue(0, 0);
-  }
-  cp_async_commit();
 
-  float m_run[2] = {-INFINITY, -INFINITY};  // running max (log2 units) of rows gid, gid + 8
-  float l_run[2] = {0.0f, 0.0f};            // running sum of exp2(x - m)
-  float o[kNT][4];
-#pragma unroll
-  for (int nt = 0; nt < kNT; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
-
-  for (int64_t t = 0; t < num_tiles; ++t) {
-    const int stage = static_cast<int>(t & 1);
-    const int slot = static_cast<int>(t % 3);
-    if (t + 1 < num_tiles) issue(static_cast<int>((t + 1) & 1), static_cast<int>((t + 1) % 3));
-    cp_async_commit();
-    if (warp == 0 && t + 2 < num_tiles) offsets(t + 2, static_cast<int>((t + 2) % 3));
-    cp_async_wait<1>();
-    __syncthreads();
-
-    // S = Q K^T for positions [8 warp, 8 warp + 8) of the tile.
-    float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-    for (int kk = 0; kk < D / 32; ++kk) {
-      uint32_t kb[4], qa[4];
-      ldmatrix_x4(kb, &s.k[stage][warp * 8 + (lane & 7)][kk * 32 + (lane >> 3) * 8]);
-      ldmatrix_x4(qa, &s.q[lane & 15][kk * 32 + (lane >> 4) * 8]);
-      mma_16816<T>(sc, qa, kb[0], kb[1]);
-      ldmatrix_x4(qa, &s.q[lane & 15][kk * 32 + 16 + (lane >> 4) * 8]);
-      mma_16816<T>(sc, qa, kb[2], kb[3]);
-    }
-    const int col = warp * 8 + tq * 2;  // tile positions of sc[0] / sc[1] (rows gid, gid + 8)
-    const bool ok0 = s.k_off[slot][col] >= 0, ok1 = s.k_off[slot][col + 1] >= 0;
-    float x[4];
-    x[0] = ok0 ? sc[0] * a.scale_log2 : -INFINITY;
-    x[1] = ok1 ? sc[1] * a.scale_log2 : -INFINITY;
-    x[2] = ok0 ? sc[2] * a.scale_log2 : -INFINITY;
-    x[3] = ok1 ? sc[3] * a.scale_log2 : -INFINITY;
-
-    // Online softmax: the tile's row maxima over the 4 warps (fmaxf drops NaN; a NaN logit still
-    // makes the row NaN through its weight below, as in the reference).
-    float mx[2] = {fmaxf(x[0], x[1]), fmaxf(x[2], x[3])};
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 2));
-    }
-    if (tq == 0) {
-      s.red_max[warp][gid] = mx[0];
-      s.red_max[warp][gid + 8] = mx[1];
-    }
-    __syncthreads();
-    float alpha[2], m_use[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = gid + 8 * r;
-      const float tile_max = fmaxf(fmaxf(s.red_max[0][row], s.red_max[1][row]),
-                                   fmaxf(s.red_max[2][row], s.red_max[3][row]));
-      const float m_new = fmaxf(m_run[r], tile_max);
-      m_use[r] = m_new == -INFINITY ? 0.0f : m_new;  // all -inf so far: weights exp2(-inf) = 0
-      alpha[r] = exp2f(m_run[r] - m_use[r]);
-      m_run[r] = m_new;
-    }
-    float p[4];
-    p[0] = exp2f(x[0] - m_use[0]);
-    p[1] = exp2f(x[1] - m_use[0]);
-    p[2] = exp2f(x[2] - m_use[1]);
-    p[3] = exp2f(x[3] - m_use[1]);
-    T hi[4], lo[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      hi[e] = from_float<T>(p[e]);
-      lo[e] = from_float<T>(p[e] - to_float(hi[e]));
-    }
-    *reinterpret_cast<uint32_t*>(&s.p_hi[gid][col]) = pack2(hi[0], hi[1]);
-    *reinterpret_cast<uint32_t*>(&s.p_hi[gid + 8][col]) = pack2(hi[2], hi[3]);
-    *reinterpret_cast<uint32_t*>(&s.p_lo[gid][col]) = pack2(lo[0], lo[1]);
-    *reinterpret_cast<uint32_t*>(&s.p_lo[gid + 8][col]) = pack2(lo[2], lo[3]);
-    float sum[2] = {p[0] + p[1], p[2] + p[3]};
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      sum[r] += __shfl_xor_sync(kFullMask, sum[r], 1);
-      sum[r] += __shfl_xor_sync(kFullMask, sum[r], 2);
-    }
-    if (tq == 0) {
-      s.red_sum[warp][gid] = sum[0];
-      s.red_sum[warp][gid + 8] = sum[1];
-    }
-    __syncthreads();
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = gid + 8 * r;
-      l_run[r] = l_run[r] * alpha[r] + ((s.red_sum[0][row] + s.red_sum[1][row]) +
-                                        (s.red_sum[2][row] + s.red_sum[3][row]));
-    }
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-      o[nt][0] *= alpha[0];
-      o[nt][1] *= alpha[0];
-      o[nt][2] *= alpha[1];
-      o[nt][3] *= alpha[1];
-    }
-
-    // O += P V for channels [warp D/4, (warp + 1) D/4).
-#pragma unroll
-    for (int ks = 0; ks < kTileN / 16; ++ks) {
-      uint32_t ah[4], al[4];
-      ldmatrix_x4(ah, &s.p_hi[lane & 15][ks * 16 + (lane >> 4) * 8]);
-      ldmatrix_x4(al, &s.p_lo[lane & 15][ks * 16 + (lane >> 4) * 8]);
-#pragma unroll
-      for (int np = 0; np < kNT / 2; ++np) {
-        const int n0 = warp * (D / 4) + np * 16;
-        uint32_t vb[4];
-        ldmatrix_x4_trans(
-            vb, &s.v[stage][ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8][n0 + (lane >> 4) * 8]);
-        mma_16816<T>(o[2 * np], ah, vb[0], vb[1]);
-        mma_16816<T>(o[2 * np], al, vb[0], vb[1]);
-        mma_16816<T>(o[2 * np + 1], ah, vb[2], vb[3]);
-        mma_16816<T>(o[2 * np + 1], al, vb[2], vb[3]);
+    // Row `pos` of the segment: its K / V element offsets (-1 when masked).
+    auto row_offsets = [&](int64_t pos, int64_t& ko, int64_t& vo) {
+      ko = vo = -1;
+      if (pos < seg_end) {
+        const int64_t e = (pos >> log2_bs) - e0;
+        const int64_t kb = fx.k_base[e];
+        if (kb >= 0) {
+          const int64_t off = pos & block_mask;
+          ko = kb + off * a.k_stride_token;
+          vo = fx.v_base[e] + off * a.v_stride_token;
+        }
       }
-    }
-    __syncthreads();  // stage, P and the reductions are reused by the next tile
-  }
-
-  // Results of rows gid and gid + 8, channels warp D/4 + nt 8 + 2 tq (+1).
-  const int64_t hq = static_cast<int64_t>(a.num_kv_heads) * group;
+    };
+    const int64_t num_tiles = ceil_div(seg_end - seg_begin, kTileRows);
+    auto issue = [&](int64_t tile, int stage) {
+      T(*kt)[kStride] = k_tile(stage);
+      T(*vt)[kStride] = v_tile(stage);
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = gid + 8 * r;
-    if (row >= group) continue;
-    const int64_t qh = static_cast<int64_t>(h) * group + row;
-    const float l = l_run[r];
-    if (a.num_splits == 1) {
-      T* out = static_cast<T*>(a.out) + b * a.out_stride_batch + qh * a.out_stride_head;
+      for (int it = 0; it < kTileRows * kChunks / kThreads; ++it) {
+        const int i = tid + it * kThreads;
+        const int row = i / kChunks, c = i % kChunks;
+        int64_t ko, vo;
+        row_offsets(seg_begin + tile * kTileRows + row, ko, vo);
+        cp_async_16(&kt[row][c * 8], kbase + (ko >= 0 ? ko + c * 8 : 0), ko >= 0);
+        cp_async_16(&vt[row][c * 8], vbase + (vo >= 0 ? vo + c * 8 : 0), vo >= 0);
+      }
+    };
+    for (int s = 0; s < stages - 1; ++s) {
+      if (s < num_tiles) issue(s, s);
+      cp_async_commit();
+    }
+
+    for (int64_t t = 0; t < num_tiles; ++t) {
+      const int stage = static_cast<int>(t % stages);
+      cp_async_wait(stages - 2);  // tile t has landed (this thread's copies)
+      __syncthreads();            // everyone's copies; everyone is done with tile t - 1
+      if (t + stages - 1 < num_tiles) {
+        issue(t + stages - 1, static_cast<int>((t + stages - 1) % stages));
+      }
+      cp_async_commit();
+
+      T(*kt)[kStride] = k_tile(stage);
+      T(*vt)[kStride] = v_tile(stage);
+      const int r0 = 16 * warp;  // this warp's rows of the tile
+      const int64_t pos0 = seg_begin + t * kTileRows + r0;
+      int64_t ko, vo;
+      row_offsets(pos0 + gid, ko, vo);
+      const bool ok_lo = ko >= 0;
+      row_offsets(pos0 + gid + 8, ko, vo);
+      const bool ok_hi = ko >= 0;
+      valid_rows += __popc(__ballot_sync(kFullMask, ok_lo && tq == 0)) +
+                    __popc(__ballot_sync(kFullMask, ok_hi && tq == 0));
+      if (!__any_sync(kFullMask, ok_lo || ok_hi)) continue;  // nothing of this warp's rows
+
+      // S^T = K Q^T: rows = the warp's 16 positions, columns = heads.
+      float sc[kNT][4];
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; kk += 2) {
+        uint32_t ka[4], kb2[4];
+        ldmatrix_x4(ka, &kt[r0 + (lane & 15)][kk * 16 + (lane >> 4) * 8]);
+        ldmatrix_x4(kb2, &kt[r0 + (lane & 15)][(kk + 1) * 16 + (lane >> 4) * 8]);
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+          uint32_t qb[4];  // b0b1, b2b3 of k-steps kk and kk + 1
+          ldmatrix_x4(qb, &fx.q[nt * 8 + (lane & 7)][kk * 16 + (lane >> 3) * 8]);
+          mma_16816<T>(sc[nt], ka, qb[0], qb[1]);
+          mma_16816<T>(sc[nt], kb2, qb[2], qb[3]);
+        }
+      }
+
+      // Online softmax per head column over the warp's 16 positions (log2 units). fmaxf drops a
+      // NaN logit from the maximum; its weight exp2(NaN) still makes the head's output NaN.
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
-        const int c = warp * (D / 4) + nt * 8 + tq * 2;
-        // Empty set: 0. Otherwise o / l (l = 0 only when every logit is -inf: NaN, as on the CPU).
-        out[c] = from_float<T>(set.total == 0 ? 0.0f : o[nt][2 * r] / l);
-        out[c + 1] = from_float<T>(set.total == 0 ? 0.0f : o[nt][2 * r + 1] / l);
+        float x[4];
+        x[0] = ok_lo ? sc[nt][0] * a.scale_log2 : -INFINITY;
+        x[1] = ok_lo ? sc[nt][1] * a.scale_log2 : -INFINITY;
+        x[2] = ok_hi ? sc[nt][2] * a.scale_log2 : -INFINITY;
+        x[3] = ok_hi ? sc[nt][3] * a.scale_log2 : -INFINITY;
+        float alpha[2], p[4];
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          float mx = fmaxf(x[c], x[c + 2]);
+          mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 4));
+          mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 8));
+          mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 16));
+          const float m_new = fmaxf(m_run[nt][c], mx);
+          const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // all -inf so far: weights 0
+          alpha[c] = exp2f(m_run[nt][c] - m_use);
+          m_run[nt][c] = m_new;
+          p[c] = exp2f(x[c] - m_use);
+          p[c + 2] = exp2f(x[c + 2] - m_use);
+          l_part[nt][c] = l_part[nt][c] * alpha[c] + (p[c] + p[c + 2]);
+        }
+#pragma unroll
+        for (int mt = 0; mt < D / 16; ++mt) {
+          o[nt][mt][0] *= alpha[0];
+          o[nt][mt][1] *= alpha[1];
+          o[nt][mt][2] *= alpha[0];
+          o[nt][mt][3] *= alpha[1];
+        }
+        // P (hi, lo) -> shared memory as [head][position] for the B operand of O^T += V^T P^T.
+        T(*phi)[L::kPStride] = fx.p[warp][nt][0];
+        T(*plo)[L::kPStride] = fx.p[warp][nt][1];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int head = 2 * tq + (e & 1), pos = gid + 8 * (e >> 1);
+          const T hi = from_float<T>(p[e]);
+          phi[head][pos] = hi;
+          plo[head][pos] = from_float<T>(p[e] - to_float(hi));
+        }
       }
-      if (a.lse != nullptr && warp == 0 && tq == 0) {
-        a.lse[b * a.lse_stride_batch + qh * a.lse_stride_head] =
-            set.total == 0 ? -INFINITY : (l == 0.0f ? NAN : (m_run[r] + log2f(l)) * kLn2);
-      }
-    } else {
-      const int64_t at = (static_cast<int64_t>(split) * a.batch + b) * hq + qh;
-      float* part = a.part_out + at * D;
+      __syncwarp();
+
+      // O^T += V^T P^T: rows = channels (16 per m-tile), columns = heads.
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
-        const int c = warp * (D / 4) + nt * 8 + tq * 2;
-        *reinterpret_cast<float2*>(part + c) = make_float2(o[nt][2 * r] / l, o[nt][2 * r + 1] / l);
+        uint32_t pb[4];  // hi b0b1, hi b2b3, lo b0b1, lo b2b3
+        ldmatrix_x4(pb, &fx.p[warp][nt][lane >> 4][lane & 7][((lane >> 3) & 1) * 8]);
+#pragma unroll
+        for (int mt = 0; mt < D / 16; ++mt) {
+          uint32_t va[4];
+          ldmatrix_x4_trans(va, &vt[r0 + (lane & 7) + ((lane >> 4) << 3)]
+                                   [mt * 16 + ((lane >> 3) & 1) * 8]);
+          mma_16816<T>(o[nt][mt], va, pb[0], pb[1]);
+          mma_16816<T>(o[nt][mt], va, pb[2], pb[3]);
+        }
       }
-      if (warp == 0 && tq == 0) a.part_lse[at] = l == 0.0f ? -INFINITY : m_run[r] + log2f(l);
+      __syncwarp();  // P is rewritten by the next tile
+    }
+    cp_async_wait(0);
+    seg_begin = seg_end;
+  }
+  __syncthreads();  // the tile buffers become the merge area
+
+  // This warp's partial: l summed over its positions (fixed butterfly), (m, l, O) to shared.
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      float l = l_part[nt][c];
+      l += __shfl_xor_sync(kFullMask, l, 4);
+      l += __shfl_xor_sync(kFullMask, l, 8);
+      l += __shfl_xor_sync(kFullMask, l, 16);
+      if (gid == 0) {
+        mg.m[warp][nt * 8 + 2 * tq + c] = m_run[nt][c];
+        mg.l[warp][nt * 8 + 2 * tq + c] = l;
+      }
+    }
+#pragma unroll
+    for (int mt = 0; mt < D / 16; ++mt) {
+      const int head = nt * 8 + 2 * tq, ch = mt * 16 + gid;
+      mg.o[warp][head][ch] = o[nt][mt][0];
+      mg.o[warp][head + 1][ch] = o[nt][mt][1];
+      mg.o[warp][head][ch + 8] = o[nt][mt][2];
+      mg.o[warp][head + 1][ch + 8] = o[nt][mt][3];
     }
   }
-}
+  if (lane == 0) mg.valid[warp] = valid_rows;
+  cluster.sync();  // every CTA's partials are written and visible to the cluster
 
-// One warp per (sequence, query head): out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max).
-template <typename T>
-__global__ void __launch_bounds__(kThreads) merge_kernel(const __grid_constant__ AttnArgs a) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t hq = static_cast<int64_t>(a.num_kv_heads) * a.group;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  if (row >= a.batch * hq) return;
-  const int b = static_cast<int>(row / hq);
-  const int64_t qh = row % hq;
-  const int h = static_cast<int>(qh / a.group);
-  const int D = a.head_dim;
-  const AttendSet set = attend_set(a, b, h);
-  const int64_t per = split_positions(set.total, a.num_splits);
-  const int active = set.total == 0 ? 0 : static_cast<int>(ceil_div(set.total, per));
-  const int64_t stride = static_cast<int64_t>(a.batch) * hq;  // between splits
-  float peak = -INFINITY;
-  for (int sp = 0; sp < active; ++sp) peak = fmaxf(peak, a.part_lse[sp * stride + row]);
-  float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-  float total = 0.0f;
-  for (int sp = 0; sp < active; ++sp) {
-    // All -inf: peak = -inf and w = NaN, which makes the row NaN like the reference.
-    const float w = exp2f(a.part_lse[sp * stride + row] - peak);
-    if (w == 0.0f) continue;  // a split with no finite weight (its o is 0/0)
-    total += w;
-    const float* part = a.part_out + (sp * stride + row) * D;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      if (32 * k < D) acc[k] += w * part[lane + 32 * k];
+  // Weights of all S x 4 partials per head, in a fixed order (split, warp): each CTA computes
+  // them for itself from the cluster's (m, l).
+  const int S = a.num_splits;
+  for (int i = tid; i < group; i += kThreads) {
+    float peak = -INFINITY;
+    for (int r = 0; r < S; ++r) {
+      const Merge& other = *cluster.map_shared_rank(&mg, r);
+      for (int w = 0; w < kWarps; ++w) peak = fmaxf(peak, other.m[w][i]);
     }
+    const float m_use = peak == -INFINITY ? 0.0f : peak;
+    float total = 0.0f;
+    int valid = 0;
+    for (int r = 0; r < S; ++r) {
+      const Merge& other = *cluster.map_shared_rank(&mg, r);
+      for (int w = 0; w < kWarps; ++w) {
+        const float wgt = exp2f(other.m[w][i] - m_use);
+        mg.weight[r][w][i] = wgt;
+        total += other.l[w][i] * wgt;
+        valid += other.valid[w];
+      }
+    }
+    if (split == 0 && a.lse != nullptr) {
+      const int64_t qh = static_cast<int64_t>(h) * group + i;
+      a.lse[b * a.lse_stride_batch + qh * a.lse_stride_head] =
+          valid == 0 ? -INFINITY : (total == 0.0f ? NAN : (m_use + log2f(total)) * kLn2);
+    }
+    // Nothing attended (empty set, or every row masked): out 0. Every weight 0 with attended rows
+    // (all logits -inf): 1 / 0, so out = 0 * inf = NaN, as on the CPU.
+    mg.inv[i] = valid == 0 ? 0.0f : 1.0f / total;
   }
-  T* out = static_cast<T*>(a.out) + b * a.out_stride_batch + qh * a.out_stride_head;
-#pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    if (32 * k < D) out[lane + 32 * k] = from_float<T>(active == 0 ? 0.0f : acc[k] / total);
+  cluster.sync();  // weights ready; from here on only o[] of other CTAs is read
+  T* out = static_cast<T*>(a.out) + b * a.out_stride_batch;
+  for (int idx = split * kThreads + tid; idx < group * D; idx += S * kThreads) {
+    const int i = idx / D, ch = idx % D;
+    float acc = 0.0f;
+    for (int r = 0; r < S; ++r) {
+      const Merge& other = *cluster.map_shared_rank(&mg, r);
+      for (int w = 0; w < kWarps; ++w) {
+        const float wgt = mg.weight[r][w][i];
+        if (wgt != 0.0f) acc += wgt * other.o[w][i][ch];
+      }
+    }
+    const float inv = mg.inv[i];
+    const int64_t qh = static_cast<int64_t>(h) * group + i;
+    out[qh * a.out_stride_head + ch] = from_float<T>(inv == 0.0f ? 0.0f : acc * inv);
   }
-  if (a.lse != nullptr && lane == 0) {
-    a.lse[b * a.lse_stride_batch + qh * a.lse_stride_head] =
-        active == 0 ? -INFINITY : (peak + log2f(total)) * kLn2;
-  }
+  cluster.sync();  // no CTA leaves while another still reads its shared memory
 }
 
-// Raises the dynamic shared-memory limit of a kernel once per device when it needs > 48 KiB.
+// Raises the dynamic shared-memory limit of a kernel (> 48 KiB) and allows clusters of 16 CTAs,
+// once per device.
 template <typename Kernel>
-void ensure_smem(Kernel kernel, size_t bytes, std::atomic<uint64_t>& configured) {
-  if (bytes <= 48 * 1024) return;
+void configure_kernel(Kernel kernel, std::atomic<uint64_t>& configured) {
   int device = 0;
   ABSPARSE_CUDA_CHECK(cudaGetDevice(&device));
   const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
   if (bit != 0 && (configured.load(std::memory_order_relaxed) & bit)) return;
   ABSPARSE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(bytes)));
+                                           static_cast<int>(kSmemLimit)));
+  ABSPARSE_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
   configured.fetch_or(bit, std::memory_order_relaxed);
 }
 
-template <typename T, int D>
-void launch_attention(const AttnArgs& a, cudaStream_t stream) {
-  static std::atomic<uint64_t> configured{0};
-  const size_t smem = sizeof(AttnSmem<T, D>);
-  ensure_smem(attention_kernel<T, D>, smem, configured);
-  const dim3 grid(a.batch, a.num_kv_heads, a.num_splits);
-  attention_kernel<T, D><<<grid, kThreads, smem, stream>>>(a);
-  ABSPARSE_CUDA_CHECK(cudaGetLastError());
-  if (a.num_splits > 1) {
-    const int64_t rows = static_cast<int64_t>(a.batch) * a.num_kv_heads * a.group;
-    merge_kernel<T><<<static_cast<unsigned>(ceil_div(rows, kWarps)), kThreads, 0, stream>>>(a);
-    ABSPARSE_CUDA_CHECK(cudaGetLastError());
+// Most positions one (sequence, head) can attend, from capacities only: dense max_pages * P;
+// sparse min(max_pages * P, max_h(max_blocks * bs_h + bs_h - 1)) (listed blocks plus the tail).
+int64_t most_positions(const DecodeAttentionParams& p) {
+  const BatchGeometry& g = p.geometry;
+  const int64_t capacity = static_cast<int64_t>(g.max_pages) * g.page_size;
+  if (p.block_sizes == nullptr) return capacity;
+  int64_t most = 0;
+  for (int h = 0; h < g.num_kv_heads; ++h) {
+    const int64_t bs = p.block_sizes[h];
+    most = max64(most, min64(capacity, static_cast<int64_t>(p.max_blocks) * bs + bs - 1));
   }
+  return most;
 }
 
-void check_attention(const char* fn, const DecodeAttentionParams& p) {
-  const BatchGeometry& g = p.geometry;
-  ABSPARSE_CHECK_ARG(g.num_kv_heads > 0 && g.num_kv_heads <= kCudaMaxKvHeads, fn,
-                     "k_cache: the CUDA kernels support 1 to ", kCudaMaxKvHeads,
-                     " KV heads, got ", g.num_kv_heads);
-  ABSPARSE_CHECK_ARG(p.num_q_heads > 0 && p.num_q_heads % g.num_kv_heads == 0, fn,
-                     "q: expected a number of query heads that is a positive multiple of the ",
-                     g.num_kv_heads, " KV heads, got ", p.num_q_heads);
-  ABSPARSE_CHECK_ARG(p.num_q_heads / g.num_kv_heads <= kCudaMaxGroup, fn,
-                     "q: the CUDA kernels support up to ", kCudaMaxGroup,
-                     " query heads per KV head, got ", p.num_q_heads / g.num_kv_heads);
-  ABSPARSE_CHECK_ARG(is_power_of_two(g.page_size), fn, "page_size: expected a power of two, got ",
-                     g.page_size);
-  ABSPARSE_CHECK_ARG(g.batch >= 0 && g.max_pages >= 0 && g.num_pages >= 0, fn,
-                     "batch, max_pages, num_pages: expected >= 0, got ", g.batch, ", ",
-                     g.max_pages, ", ", g.num_pages);
-  ABSPARSE_CHECK_ARG(std::isfinite(p.scale), fn, "scale: expected a finite value, got ", p.scale);
-  for (int which = 0; which < 2; ++which) {
-    const PagedCacheView& c = which == 0 ? p.k_cache : p.v_cache;
-    const char* name = which == 0 ? "k_cache" : "v_cache";
-    const bool aligned = reinterpret_cast<uintptr_t>(c.data) % 16 == 0 && c.stride_page % 8 == 0 &&
-                         c.stride_token % 8 == 0 && c.stride_head % 8 == 0 &&
-                         c.stride_page >= 0 && c.stride_token >= 0 && c.stride_head >= 0;
-    ABSPARSE_CHECK_ARG(aligned, fn, name, ": the CUDA kernels read 16-byte rows: expected a ",
-                       "16-byte aligned data pointer and page/token/head strides that are ",
-                       "non-negative multiples of 8 elements, got strides (", c.stride_page, ", ",
-                       c.stride_token, ", ", c.stride_head, ")");
+// The launch plan: cluster size S and pipeline depth. Worked example (Llama-3.1-8B heads, D 128,
+// bf16): a 2048-token budget with 8-token blocks (max_blocks 256, C = 2055) gives S = 16 CTAs of
+// at most 192 positions (3 tiles), 2 stages (2 CTAs per SM); dense over a 128K page table gives
+// S = 16 CTAs of 8192 positions, 4 stages (~140 KB of shared memory, 3 tiles in flight).
+struct AttnPlan {
+  int splits, stages;
+  size_t smem;
+};
+
+template <typename T, int D, int kNT>
+AttnPlan plan_attention(const DecodeAttentionParams& p) {
+  using L = AttnLayout<T, D, kNT>;
+  static std::atomic<uint64_t> configured{0};
+  configure_kernel(attention_kernel<T, D, kNT>, configured);
+  const int64_t most = most_positions(p);
+  // Largest cluster the device can co-schedule for this kernel (16 on an H100 / H200).
+  static std::atomic<int> cluster_cap{0};
+  int cap = cluster_cap.load(std::memory_order_relaxed);
+  if (cap == 0) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(kMaxClusterSplits, 1, 1);
+    cfg.blockDim = dim3(kThreads, 1, 1);
+    cfg.dynamicSmemBytes = L::bytes(4) <= kSmemLimit ? L::bytes(4) : L::bytes(2);
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = kMaxClusterSplits;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    int n = 0;
+    ABSPARSE_CUDA_CHECK(cudaOccupancyMaxPotentialClusterSize(&n, attention_kernel<T, D, kNT>, &cfg));
+    cap = static_cast<int>(clamp64(n, 1, kMaxClusterSplits));
+    cluster_cap.store(cap, std::memory_order_relaxed);
   }
-  if (p.block_sizes != nullptr) {
-    for (int h = 0; h < g.num_kv_heads; ++h) {
-      const int32_t bs = p.block_sizes[h];
-      ABSPARSE_CHECK_ARG(is_power_of_two(bs) && g.page_size % bs == 0, fn, "block_sizes[", h,
-                         "]: expected a power of two dividing page_size ", g.page_size, ", got ",
-                         bs);
-    }
-    ABSPARSE_CHECK_ARG(p.max_blocks >= 0, fn, "block_indices: expected a capacity >= 0, got ",
-                       p.max_blocks);
-  }
+  AttnPlan plan;
+  plan.splits = static_cast<int>(clamp64(ceil_div(most, kSplitTargetPositions), 1, cap));
+  const int64_t per = ceil_div(ceil_div(most, plan.splits), kTileRows) * kTileRows;
+  plan.stages = per > 4 * kTileRows ? 4 : 2;
+  while (plan.stages > 2 && L::bytes(plan.stages) > kSmemLimit) --plan.stages;
+  plan.smem = L::bytes(plan.stages);
+  return plan;
+}
+
+template <typename T, int D, int kNT>
+void launch_attention(AttnArgs a, const DecodeAttentionParams& p, cudaStream_t stream) {
+  const AttnPlan plan = plan_attention<T, D, kNT>(p);
+  a.num_splits = plan.splits;
+  a.stages = plan.stages;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(plan.splits, p.geometry.num_kv_heads, p.geometry.batch);
+  cfg.blockDim = dim3(kThreads, 1, 1);
+  cfg.dynamicSmemBytes = plan.smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = plan.splits;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  ABSPARSE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, attention_kernel<T, D, kNT>, a));
 }
 
 }  // namespace
 
-// Split-KV decision, from capacities only (never from seq_lens, counts or the batch size):
-// S = clamp(ceil(C / 256), 1, 32) with C the most positions one (sequence, head) can attend:
-// dense max_pages * P; sparse min(max_pages * P, max_h(max_blocks * bs_h + bs_h - 1)). At run time
-// (b, h) attends `total` positions split into ceil(total / per) active CTAs of
-// per = roundup32(max(ceil(total / S), 128)) positions. Example: a 32K-token page table with the
-// default max_blocks (C = 32768) gives S = 32; a sequence attending 2100 positions then runs 17
-// CTAs of 128 positions (one wave at batch 1 with 8 KV heads); a 90-token sequence runs one.
-int32_t num_splits(const DecodeAttentionParams& p) {
-  const BatchGeometry& g = p.geometry;
-  const int64_t capacity = static_cast<int64_t>(g.max_pages) * g.page_size;
-  int64_t most = capacity;  // dense: every token the page table can hold
-  if (p.block_sizes != nullptr) {
-    most = 0;
-    for (int h = 0; h < g.num_kv_heads; ++h) {
-      const int64_t bs = p.block_sizes[h];
-      most = max64(most, min64(capacity, static_cast<int64_t>(p.max_blocks) * bs + bs - 1));
-    }
-  }
-  return static_cast<int32_t>(clamp64(ceil_div(most, kSplitCapacityTokens), 1, kMaxSplits));
-}
-
-void run_decode_attention(const DecodeAttentionParams& p, void* workspace) {
+void run_decode_attention(const DecodeAttentionParams& p) {
   const bool sparse = p.block_sizes != nullptr;
   const char* fn = sparse ? "sparse_decode" : "dense_decode";
-  check_attention(fn, p);
+  check_decode_attention_cuda(p);
   const BatchGeometry& g = p.geometry;
+  if (g.batch == 0) return;
   const int group = p.num_q_heads / g.num_kv_heads;
+  AttnArgs a{};
+  a.q = p.q;
+  a.q_stride_batch = p.q_stride_batch;
+  a.q_stride_head = p.q_stride_head;
+  a.k = p.k_cache.data;
+  a.k_stride_page = p.k_cache.stride_page;
+  a.k_stride_token = p.k_cache.stride_token;
+  a.k_stride_head = p.k_cache.stride_head;
+  a.v = p.v_cache.data;
+  a.v_stride_page = p.v_cache.stride_page;
+  a.v_stride_token = p.v_cache.stride_token;
+  a.v_stride_head = p.v_cache.stride_head;
+  a.seq_lens = g.seq_lens;
+  a.seq_lens_stride = g.seq_lens_stride;
+  a.page_table = g.page_table;
+  a.page_table_stride_batch = g.page_table_stride_batch;
+  a.page_table_stride_page = g.page_table_stride_page;
+  if (sparse) {
+    a.block_indices = p.block_indices;
+    a.bi_stride_batch = p.block_indices_stride_batch;
+    a.bi_stride_head = p.block_indices_stride_head;
+    a.bi_stride_slot = p.block_indices_stride_slot;
+    a.block_counts = p.block_counts;
+    a.bc_stride_batch = p.block_counts_stride_batch;
+    a.bc_stride_head = p.block_counts_stride_head;
+    a.max_blocks = p.max_blocks;
+    for (int h = 0; h < g.num_kv_heads; ++h) {
+      a.log2_block[h] = static_cast<uint8_t>(log2_exact(p.block_sizes[h]));
+    }
+  }
+  a.num_pages = g.num_pages;
+  a.capacity = static_cast<int64_t>(g.max_pages) * g.page_size;
+  a.log2_page = log2_exact(g.page_size);
+  a.num_kv_heads = g.num_kv_heads;
+  a.group = group;
+  a.scale_log2 = static_cast<float>(p.scale * static_cast<double>(kLog2e));
+  a.out = p.out;
+  a.out_stride_batch = p.out_stride_batch;
+  a.out_stride_head = p.out_stride_head;
+  a.lse = p.lse;
+  a.lse_stride_batch = p.lse_stride_batch;
+  a.lse_stride_head = p.lse_stride_head;
+  const cudaStream_t stream = to_stream(p.stream);
   ABSPARSE_DISPATCH_HALF(fn, "q", p.dtype, T, [&] {
     ABSPARSE_DISPATCH_HEAD_DIM(fn, g.head_dim, kDim, [&] {
-      if (g.batch == 0) return;
-      AttnArgs a{};
-      a.q = p.q;
-      a.q_stride_batch = p.q_stride_batch;
-      a.q_stride_head = p.q_stride_head;
-      a.k = p.k_cache.data;
-      a.k_stride_page = p.k_cache.stride_page;
-      a.k_stride_token = p.k_cache.stride_token;
-      a.k_stride_head = p.k_cache.stride_head;
-      a.v = p.v_cache.data;
-      a.v_stride_page = p.v_cache.stride_page;
-      a.v_stride_token = p.v_cache.stride_token;
-      a.v_stride_head = p.v_cache.stride_head;
-      a.seq_lens = g.seq_lens;
-      a.seq_lens_stride = g.seq_lens_stride;
-      a.page_table = g.page_table;
-      a.page_table_stride_batch = g.page_table_stride_batch;
-      a.page_table_stride_page = g.page_table_stride_page;
-      if (sparse) {
-        a.block_indices = p.block_indices;
-        a.bi_stride_batch = p.block_indices_stride_batch;
-        a.bi_stride_head = p.block_indices_stride_head;
-        a.bi_stride_slot = p.block_indices_stride_slot;
-        a.block_counts = p.block_counts;
-        a.bc_stride_batch = p.block_counts_stride_batch;
-        a.bc_stride_head = p.block_counts_stride_head;
-        a.max_blocks = p.max_blocks;
-        for (int h = 0; h < g.num_kv_heads; ++h) {
-          a.log2_block[h] = static_cast<uint8_t>(log2_exact(p.block_sizes[h]));
-        }
+      if (group <= 8) {
+        launch_attention<T, kDim, 1>(a, p, stream);
+      } else {
+        launch_attention<T, kDim, 2>(a, p, stream);
       }
-      a.num_pages = g.num_pages;
-      a.capacity = static_cast<int64_t>(g.max_pages) * g.page_size;
-      a.log2_page = log2_exact(g.page_size);
-      a.batch = g.batch;
-      a.num_kv_heads = g.num_kv_heads;
-      a.group = group;
-      a.head_dim = g.head_dim;
-      a.num_splits = num_splits(p);
-      a.scale_log2 = static_cast<float>(p.scale * static_cast<double>(kLog2e));
-      a.out = p.out;
-      a.out_stride_batch = p.out_stride_batch;
-      a.out_stride_head = p.out_stride_head;
-      a.lse = p.lse;
-      a.lse_stride_batch = p.lse_stride_batch;
-      a.lse_stride_head = p.lse_stride_head;
-      if (a.num_splits > 1) {
-        ABSPARSE_CHECK_ARG(workspace != nullptr, fn, "workspace: expected ",
-                           decode_attention_workspace_size(p),
-                           " bytes (decode_attention_workspace_size), got none");
-        const int64_t rows = static_cast<int64_t>(a.num_splits) * g.batch * p.num_q_heads;
-        a.part_out = static_cast<float*>(workspace);
-        a.part_lse = a.part_out + rows * g.head_dim;
-      }
-      ABSPARSE_CHECK_ARG(g.batch <= INT32_MAX, fn, "batch: too large for one launch: ", g.batch);
-      launch_attention<T, kDim>(a, to_stream(p.stream));
     });
   });
+}
+
+int32_t attention_splits(const DecodeAttentionParams& p) {
+  check_decode_attention_cuda(p);
+  const int group = p.num_q_heads / p.geometry.num_kv_heads;
+  int32_t splits = 1;
+  ABSPARSE_DISPATCH_HALF("decode_attention_num_splits", "q", p.dtype, T, [&] {
+    ABSPARSE_DISPATCH_HEAD_DIM("decode_attention_num_splits", p.geometry.head_dim, kDim, [&] {
+      splits = group <= 8 ? plan_attention<T, kDim, 1>(p).splits
+                          : plan_attention<T, kDim, 2>(p).splits;
+    });
+  });
+  return splits;
 }
 
 }  // namespace absparse::cuda
 
 namespace absparse {
 
-int32_t decode_attention_num_splits(const DecodeAttentionParams& p) { return cuda::num_splits(p); }
-
-size_t decode_attention_workspace_size(const DecodeAttentionParams& p) {
-  if (p.geometry.batch <= 0 || p.num_q_heads <= 0 || p.geometry.head_dim <= 0) return 0;
-  const int64_t splits = cuda::num_splits(p);
-  if (splits <= 1) return 0;
-  const int64_t rows = splits * p.geometry.batch * p.num_q_heads;
-  return static_cast<size_t>(rows * (p.geometry.head_dim + 1)) * sizeof(float);
+int32_t decode_attention_num_splits(const DecodeAttentionParams& p) {
+  return cuda::attention_splits(p);
 }
 
-void decode_attention_cuda(const DecodeAttentionParams& p, void* workspace) {
-  cuda::run_decode_attention(p, workspace);
-}
+void decode_attention_cuda(const DecodeAttentionParams& p) { cuda::run_decode_attention(p); }
 
 }  // namespace absparse

@@ -1,33 +1,55 @@
-// select_blocks on the GPU (docs/decode.md, "Selection"): two launches on the caller's stream.
+// select_blocks on the GPU (docs/decode.md, "Selection"): one fused kernel per call (plus a memset
+// of its arrival counters) on the caller's stream.
 //
-// 1. score_kernel, grid (ceil(n_cap / NB), Hk, B), 256 threads: a CTA takes NB consecutive
-//    candidate blocks of one (sequence, KV head), stages their stored summaries in shared memory
-//    (16-byte loads when the summary cache is 16-byte aligned, else bytes), then each warp scores
-//    one block at a time: lane l owns channels [l D/32, (l+1) D/32) and holds the G queries of the
-//    group for them in registers (q * channel_scale for int8c/int4c), dequantizes its channels
-//    (box kinds: mid = (hi+lo)/2, rad = |hi-lo|/2, so max(q hi, q lo) = q mid + |q| rad), and the
-//    G dot products are reduced across lanes with a transposed butterfly (G - 1 + 5 - log2 G
-//    shuffles for G values instead of 5 G). It writes float32 scores to the workspace
-//    [B, Hk, rows, n_cap] indexed by block: rows = 1 (max over the group, NaN -> -inf) or G + 1
-//    (the G block logits, then the softmax_sum score). NB = clamp(16 KiB / block bytes, 16, 128).
-// 2. topk_kernel, grid (B, Hk), 512 threads, one CTA per (sequence, head): softmax_sum scores
-//    (per-head max and sum by block reductions in a fixed order), then an exact radix select on
-//    order-preserving uint32 keys of the float32 scores (4 passes of 8 bits; keys cached in shared
-//    memory up to 8192 candidates), then an ordered compaction (two block scans) that writes the
-//    selected candidates ascending, ties at the threshold to the lower block index; plus the sink
-//    and local blocks, -1 padding and the count.
-// Both kernels recompute the plan (device_plan, the CPU's arithmetic) from seq_lens on the device:
-// CTAs of (b, h) with nothing to score exit at once (k = 0 or k = all candidates).
+// Grid (X, B), 256 threads. X enumerates (KV head h, chunk c): head h owns the CTAs
+// [chunk_begin[h], chunk_begin[h+1]), enough chunks of kChunkBlocks candidate blocks for the
+// longest sequence the page table can hold (capacity / bs_h), so heads with small blocks get more
+// CTAs and mixed block sizes stay balanced. CTA (h, c) of sequence b:
+//   1. recomputes the plan of (b, h) from seq_lens (device_plan, the CPU's arithmetic); when
+//      nothing is ranked (k = 0 or k = all candidates) only chunk 0 runs, writing the list;
+//   2. scores candidate blocks [sink + c NB, sink + (c+1) NB) and writes one uint32 key per block
+//      (group_reduce max: an order-preserving key of the max over the group of the block logits,
+//      NaN -> -inf) or the G float logits (softmax_sum) to the workspace;
+//   3. signals arrival on the (b, h) counter (fence + atomic, like a split-K semaphore); the last
+//      CTA to arrive selects: an exact radix select of the k largest keys (11/11/10-bit digits,
+//      stopping as soon as the threshold digit holds exactly the keys still wanted), ties to the
+//      lower block index, an ordered compaction (warp ballots, one block scan), and writes
+//      sink ∪ selected ∪ local ascending, -1 padding and the count.
+//
+// Two scorers share that frame:
+//   MmaScorer<D, bits> (16-byte aligned caches, every format except fp32 and the per-vector int8 /
+//     int4 box kinds): block logits as a small tensor-core product. With c > 0 per channel,
+//     max(q hi, q lo) = q+ hi + q- lo (q+ = max(q, 0), q- = min(q, 0)) when hi >= lo, which the
+//     monotone per-channel codes and the float formats guarantee; so the logits of 16 blocks are
+//     one product codes[16 x R D] . X[R D x 2G] with X = (q+ c ; q- c) (mean: q c), each column
+//     split into a high and a low 16-bit part (X = hi + lo to ~2^-16 relative; the two columns of
+//     a head are added after the product). Codes convert to the MMA type exactly with bit tricks:
+//     4-bit codes n -> bf16(128 + n) - 128, 8-bit codes -> fp16(1024 + n) - 1024 (signed codes
+//     are biased by 8 / 128 first). fp16 operands are scaled by a power of two per head so that
+//     |X| <= 1 (no overflow; undone after the product). Per-channel zero points add q . zero per
+//     head, per-vector scales multiply each block's product.
+//   GenericScorer<D>: stages summaries in shared memory (any alignment), dequantizes to float32 per
+//     lane (box kinds: mid = (hi+lo)/2, rad = |hi-lo|/2, so max(q hi, q lo) = q mid + |q| rad for
+//     either order) and reduces each head's dot product over the warp.
+// A logit that is not finite (a non-finite q or summary value, or float32 overflow) becomes NaN,
+// ranked below every number, as on the CPU (docs/decode.md).
+#include <type_traits>
+
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace absparse::cuda {
 namespace {
 
-constexpr int kScoreWarps = 8;
-constexpr int kScoreThreads = 32 * kScoreWarps;
-constexpr int kTopkWarps = 16;
-constexpr int kTopkThreads = 32 * kTopkWarps;
-constexpr int kKeyCache = 8192;  // candidates whose keys stay in shared memory between passes
+constexpr int kWarps = 8;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kTilesPerWarp = 2;                               // m-tiles of 16 blocks per warp
+constexpr int kChunkBlocks = 16 * kTilesPerWarp * kWarps;      // 256 candidate blocks per CTA
+constexpr int kMaxNTiles = 2 * kCudaMaxGroup / 8;              // n-tiles of 8 columns: 2G <= 32
+constexpr int kDigitBits = 11;
+constexpr int kBins = 1 << kDigitBits;
+constexpr int kKeyCache = 8192;  // candidates whose keys the selecting CTA keeps in shared memory
+constexpr int kGenericStageBytes = 32 * 1024;
 
 struct SelectArgs {
   const void* q;
@@ -35,15 +57,15 @@ struct SelectArgs {
   bool q_bf16;
   const uint8_t* summaries;  // byte strides below
   int64_t s_stride_page, s_stride_slot, s_stride_vector;
-  const float* scales;
+  const float* scales;       // per-vector formats, else null
   int64_t sc_stride_page, sc_stride_slot, sc_stride_vector;
-  const float* channel_scale;
+  const float* channel_scale;  // per-channel formats, else null
   const float* channel_zero;
   int64_t channel_stride_head;
   int format;        // SummaryFormat
   int num_vectors;   // R
-  int vector_bytes;  // W * element size, a multiple of 16
-  bool aligned16;    // summaries data and strides 16-byte aligned
+  int vector_bytes;  // W * element size
+  bool aligned16;    // summaries data and strides 16-byte aligned (GenericScorer staging)
   const int32_t* seq_lens;
   int64_t seq_lens_stride;
   const int32_t* page_table;
@@ -57,15 +79,17 @@ struct SelectArgs {
   int64_t sink_tokens, local_tokens;
   bool softmax_sum;
   float scale;
-  float* ws;          // [B, Hk, rows, ws_row]
-  int64_t ws_row;     // n_cap
-  int ws_rows;        // 1 or G + 1
-  int blocks_per_cta; // NB
+  uint32_t* ws;        // [B, Hk, rows, ws_row]: keys (row 0, max) or G float logits + keys
+  int64_t ws_row;      // capacity / min bs
+  int ws_rows;         // 1 or G + 1
+  uint32_t* arrivals;  // [B, Hk], zero on entry
   int32_t* block_indices;
   int64_t bi_stride_batch, bi_stride_head, bi_stride_slot;
   int32_t max_blocks;
   int32_t* block_counts;
   int64_t bc_stride_batch, bc_stride_head;
+  int num_chunk_ctas;  // chunk_begin[Hk]
+  int32_t chunk_begin[kCudaMaxKvHeads + 1];
   uint8_t log2_block[kCudaMaxKvHeads];
   int32_t slot_offset[kCudaMaxKvHeads];
 };
@@ -76,8 +100,308 @@ __device__ inline DevicePlan plan_for(const SelectArgs& a, int b, int h) {
                      a.local_tokens);
 }
 
+__device__ inline uint32_t* ws_of(const SelectArgs& a, int b, int h) {
+  return a.ws + (static_cast<int64_t>(b) * a.num_kv_heads + h) * a.ws_rows * a.ws_row;
+}
+
+// Order-preserving key of a score: larger float -> larger key; NaN ranks as -inf, -0 as +0.
+__device__ inline uint32_t score_key(float x) {
+  x = rank_value(x);
+  if (x == 0.0f) x = 0.0f;
+  const uint32_t u = __float_as_uint(x);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__device__ inline float finite_or_nan(float x) { return isfinite(x) ? x : NAN; }
+
+// Where block j of head h of a sequence keeps its summary: page and slot, page = -1 for a
+// page-table entry outside [0, num_pages).
+struct SummaryAt {
+  int64_t page, slot;
+};
+__device__ inline SummaryAt summary_at(const SelectArgs& a, const int32_t* pages, int h,
+                                       int64_t j) {
+  const int log2_bs = a.log2_block[h];
+  const int64_t token0 = j << log2_bs;
+  int64_t page = pages[(token0 >> a.log2_page) * a.page_table_stride_page];
+  if (page < 0 || page >= a.num_pages) page = -1;
+  const int64_t slot = a.slot_offset[h] + ((token0 & ((int64_t{1} << a.log2_page) - 1)) >> log2_bs);
+  return {page, slot};
+}
+__device__ inline int64_t byte_offset(const SelectArgs& a, SummaryAt at) {
+  return at.page < 0 ? -1 : at.page * a.s_stride_page + at.slot * a.s_stride_slot;
+}
+__device__ inline float vector_scale(const SelectArgs& a, SummaryAt at, int r) {
+  return a.scales[at.page * a.sc_stride_page + at.slot * a.sc_stride_slot +
+                  r * a.sc_stride_vector];
+}
+
 // ------------------------------------------------------------------------------------------------
-// Scoring
+// Tensor-core scorer
+// ------------------------------------------------------------------------------------------------
+
+// A-operand registers of one k-step for rows gid (lo) and gid + 8 (hi): {a0a1, a2a3, a4a5, a6a7}.
+// kBits 4: bf16 codes; 8: fp16 codes; 16: the stored fp16 / bf16 values.
+template <int kBits>
+struct CodeConvert;
+
+template <>
+struct CodeConvert<4> {
+  // Nibble e (bits 4e..4e+3) and nibble e + 4 (bits 16+4e..) of a word -> bf16x2 exactly.
+  __device__ static uint32_t pair(uint32_t w, int e, uint32_t flip, __nv_bfloat162 bias) {
+    const uint32_t r = (((w ^ flip) >> (4 * e)) & 0x000F000Fu) | 0x43004300u;  // 128 + n
+    __nv_bfloat162 v = *reinterpret_cast<const __nv_bfloat162*>(&r);
+    v = __hsub2(v, bias);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+};
+
+template <>
+struct CodeConvert<8> {
+  // Bytes e and e + 2 of a word -> fp16x2 exactly.
+  __device__ static uint32_t pair(uint32_t w, int e, uint32_t flip, __half2 bias) {
+    const uint32_t r = (((w ^ flip) >> (8 * e)) & 0x00FF00FFu) | 0x64006400u;  // 1024 + n
+    __half2 v = *reinterpret_cast<const __half2*>(&r);
+    v = __hsub2(v, bias);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+};
+
+template <int D, int kBits>
+struct MmaScorer {
+  static constexpr int kVecBytes = D * kBits / 8;
+  static constexpr int kThreadBytes = kVecBytes >= 64 ? 16 : 8;       // one load per thread-chunk
+  static constexpr int kChunks = kVecBytes / (4 * kThreadBytes);      // thread-chunks per vector
+  static constexpr int kStepsPerChunk = kThreadBytes * 8 / kBits / 4;  // k-steps of 16 channels
+  static constexpr int kStepsPerVector = D / 16;
+  static_assert(kChunks * kStepsPerChunk == kStepsPerVector, "chunk geometry");
+  using Chunk = typename std::conditional<kThreadBytes == 16, uint4, uint2>::type;
+
+  // The four channels of k-step j of a thread-chunk starting at channel cb: k slots 2tq, 2tq+1
+  // (a0a1 / b0b1) and 2tq+8, 2tq+9 (a4a5 / b2b3), in the order the code conversion produces them.
+  __device__ static void step_channels(int cb, int j, int (&ch)[4]) {
+    if (kBits == 4) {  // word j/2, nibbles (e, e+4) and (e+1, e+5) with e = 2 (j % 2)
+      const int c0 = cb + 8 * (j >> 1) + 2 * (j & 1);
+      ch[0] = c0; ch[1] = c0 + 4; ch[2] = c0 + 1; ch[3] = c0 + 5;
+    } else if (kBits == 8) {  // word j, bytes (0, 2) and (1, 3)
+      const int c0 = cb + 4 * j;
+      ch[0] = c0; ch[1] = c0 + 2; ch[2] = c0 + 1; ch[3] = c0 + 3;
+    } else {  // words 2j and 2j+1
+      const int c0 = cb + 4 * j;
+      ch[0] = c0; ch[1] = c0 + 1; ch[2] = c0 + 2; ch[3] = c0 + 3;
+    }
+  }
+
+  struct Smem {
+    uint2 b[2 * kStepsPerVector][kMaxNTiles][32];  // B fragments per (k-step, n-tile, lane)
+    float x[kCudaMaxGroup][2][D];                  // q+ c, q- c (mean: q c in [0])
+    float qz[kCudaMaxGroup];                       // q . zero per head
+    float post[kCudaMaxGroup];                     // 2^e undoing the fp16 operand scaling
+  };
+
+  // Scores candidate blocks [j0, j0 + nb) of (b, h); writes keys or logits to the workspace.
+  __device__ static void score(const SelectArgs& a, int b, int h, int64_t j0, int nb,
+                               unsigned char* smem_raw) {
+    Smem& s = *reinterpret_cast<Smem*>(smem_raw);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int gid = lane >> 2, tq = lane & 3;
+    const int group = a.group;
+    const bool box = a.num_vectors == 2;
+    const int ntiles = (2 * group + 7) / 8;
+    const SummaryFormat format = static_cast<SummaryFormat>(a.format);
+    // 4-bit codes run as bf16, 8-bit codes as fp16, 16-bit summaries in their own type.
+    const bool a_bf16 = kBits == 4 || (kBits == 16 && format == SummaryFormat::kBf16);
+    const bool is_signed = format == SummaryFormat::kInt8 || format == SummaryFormat::kInt4;
+
+    // 1. Issue the summary loads first, so that their latency overlaps the query set-up below.
+    //    This warp's m-tiles t hold blocks j0 + 16 (kTilesPerWarp warp + t) + {gid, gid + 8}.
+    const int32_t* pages = a.page_table + b * a.page_table_stride_batch;
+    int64_t row_at[kTilesPerWarp][2];
+    float row_scale[kTilesPerWarp][2];
+#pragma unroll
+    for (int t = 0; t < kTilesPerWarp; ++t) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int jj = 16 * (kTilesPerWarp * warp + t) + gid + 8 * half;
+        row_at[t][half] = -1;
+        row_scale[t][half] = 1.0f;
+        if (jj < nb) {
+          const SummaryAt at = summary_at(a, pages, h, j0 + jj);
+          row_at[t][half] = byte_offset(a, at);
+          if (at.page >= 0 && a.scales != nullptr) row_scale[t][half] = vector_scale(a, at, 0);
+        }
+      }
+    }
+    // Loads i = ((t kChunks + c) 2 + r): thread-chunk c of vector r of m-tile t (r = 1 is skipped
+    // for the mean kind), streamed through a ring of kDepth registers sets.
+    constexpr int kLoads = kTilesPerWarp * kChunks * 2;
+    constexpr int kDepth = kThreadBytes == 16 ? 4 : 8;
+    auto load = [&](int i, Chunk (&dst)[2]) {
+      const int t = i / (2 * kChunks), c = (i / 2) % kChunks, r = i % 2;
+      const int64_t off = r * a.s_stride_vector + (c * 4 + tq) * kThreadBytes;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t at = row_at[t][half];
+        dst[half] = Chunk{};
+        if (at >= 0 && (r == 0 || box)) {
+          dst[half] = __ldg(reinterpret_cast<const Chunk*>(a.summaries + at + off));
+        }
+      }
+    };
+    Chunk ring[kDepth][2];
+#pragma unroll
+    for (int i = 0; i < kDepth && i < kLoads; ++i) load(i, ring[i]);
+
+    // 2. The group's columns X in float32 and q . zero, one warp per head.
+    const int64_t q_at = b * a.q_stride_batch + static_cast<int64_t>(h) * group * a.q_stride_head;
+    const float* cscale = a.channel_scale ? a.channel_scale + h * a.channel_stride_head : nullptr;
+    const float* czero = a.channel_zero ? a.channel_zero + h * a.channel_stride_head : nullptr;
+    for (int i = warp; i < group; i += kWarps) {
+      float qz = 0.0f, amax = 0.0f;
+      for (int c = lane; c < D; c += 32) {
+        const float q = load_half_as_float(a.q, q_at + i * a.q_stride_head + c, a.q_bf16);
+        const float cs = cscale ? cscale[c] : 1.0f;
+        if (czero) qz = fmaf(q, czero[c], qz);
+        // q+ and q- keep a NaN (it must make the logit NaN); the mean kind uses q in [0].
+        const float pos = box ? (q < 0.0f ? 0.0f : q) * cs : q * cs;
+        const float neg = (q > 0.0f ? 0.0f : q) * cs;
+        s.x[i][0][c] = pos;
+        s.x[i][1][c] = neg;
+        amax = fmaxf(amax, fmaxf(fabsf(pos), fabsf(neg)));
+      }
+      qz = warp_sum(qz);
+      amax = warp_max(amax);
+      if (lane == 0) {
+        s.qz[i] = qz;
+        int e = 0;  // fp16 operands: X / 2^e with |X / 2^e| < 1
+        if (!a_bf16 && amax > 0.0f && isfinite(amax)) frexpf(amax, &e);
+        s.post[i] = ldexpf(1.0f, e);
+      }
+    }
+    __syncthreads();
+
+    // 3. B fragments: column n = 2 head + part (part 0: the high, 1: the low 16-bit part of X).
+    const int total_steps = a.num_vectors * kStepsPerVector;
+    for (int idx = tid; idx < total_steps * ntiles * 32; idx += kThreads) {
+      const int ln = idx & 31, nt = (idx >> 5) % ntiles, step = idx / (32 * ntiles);
+      const int r = step / kStepsPerVector, sv = step % kStepsPerVector;
+      const int c = sv / kStepsPerChunk, j = sv % kStepsPerChunk;
+      const int col = nt * 8 + (ln >> 2), head = col >> 1, part = col & 1;
+      int ch[4];
+      step_channels((c * 4 + (ln & 3)) * kThreadBytes * 8 / kBits, j, ch);
+      uint16_t v[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = head < group ? s.x[head][r][ch[e]] : 0.0f;
+        if (a_bf16) {
+          const __nv_bfloat16 hi = __float2bfloat16_rn(x);
+          v[e] = part == 0 ? __bfloat16_as_ushort(hi)
+                           : __bfloat16_as_ushort(__float2bfloat16_rn(x - __bfloat162float(hi)));
+        } else {
+          if (head < group) x /= s.post[head];  // exact: a power of two
+          const __half hi = __float2half_rn(x);
+          v[e] = part == 0 ? __half_as_ushort(hi)
+                           : __half_as_ushort(__float2half_rn(x - __half2float(hi)));
+        }
+      }
+      s.b[step][nt][ln] = make_uint2(pack_bits(v[0], v[1]), pack_bits(v[2], v[3]));
+    }
+    __syncthreads();
+
+    // 4. The products, one k-step (16 channels) at a time.
+    float acc[kTilesPerWarp][kMaxNTiles][4];
+#pragma unroll
+    for (int t = 0; t < kTilesPerWarp; ++t) {
+#pragma unroll
+      for (int nt = 0; nt < kMaxNTiles; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[t][nt][e] = 0.0f;
+      }
+    }
+    const uint32_t flip = is_signed ? (kBits == 4 ? 0x88888888u : 0x80808080u) : 0u;
+    const __nv_bfloat162 bias4 = __float2bfloat162_rn(is_signed ? 136.0f : 128.0f);
+    const __half2 bias8 = __float2half2_rn(is_signed ? 1152.0f : 1024.0f);
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      const int t = i / (2 * kChunks), c = (i / 2) % kChunks, r = i % 2;
+      Chunk cur[2] = {ring[i % kDepth][0], ring[i % kDepth][1]};
+      if (i + kDepth < kLoads) load(i + kDepth, ring[i % kDepth]);
+      if (r == 1 && !box) continue;
+      const uint32_t* wlo = reinterpret_cast<const uint32_t*>(&cur[0]);
+      const uint32_t* whi = reinterpret_cast<const uint32_t*>(&cur[1]);
+#pragma unroll
+      for (int j = 0; j < kStepsPerChunk; ++j) {
+        uint32_t afrag[4];
+        if (kBits == 4) {
+          const int w = j >> 1, e = 2 * (j & 1);
+          afrag[0] = CodeConvert<4>::pair(wlo[w], e, flip, bias4);
+          afrag[1] = CodeConvert<4>::pair(whi[w], e, flip, bias4);
+          afrag[2] = CodeConvert<4>::pair(wlo[w], e + 1, flip, bias4);
+          afrag[3] = CodeConvert<4>::pair(whi[w], e + 1, flip, bias4);
+        } else if (kBits == 8) {
+          afrag[0] = CodeConvert<8>::pair(wlo[j], 0, flip, bias8);
+          afrag[1] = CodeConvert<8>::pair(whi[j], 0, flip, bias8);
+          afrag[2] = CodeConvert<8>::pair(wlo[j], 1, flip, bias8);
+          afrag[3] = CodeConvert<8>::pair(whi[j], 1, flip, bias8);
+        } else {
+          afrag[0] = wlo[2 * j];
+          afrag[1] = whi[2 * j];
+          afrag[2] = wlo[2 * j + 1];
+          afrag[3] = whi[2 * j + 1];
+        }
+        const int step = r * kStepsPerVector + c * kStepsPerChunk + j;
+#pragma unroll
+        for (int nt = 0; nt < kMaxNTiles; ++nt) {
+          if (nt < ntiles) {
+            const uint2 bf = s.b[step][nt][lane];
+            if (a_bf16) {
+              mma_bf16(acc[t][nt], afrag, bf.x, bf.y);
+            } else {
+              mma_f16(acc[t][nt], afrag, bf.x, bf.y);
+            }
+          }
+        }
+      }
+    }
+
+    // 5. Logits: thread (gid, tq) holds rows gid, gid + 8 of each m-tile and heads 4 nt + tq.
+    uint32_t* ws_bh = ws_of(a, b, h);
+#pragma unroll
+    for (int t = 0; t < kTilesPerWarp; ++t) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int jj = 16 * (kTilesPerWarp * warp + t) + gid + 8 * half;
+        const bool row_ok = row_at[t][half] >= 0;
+        float best = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < kMaxNTiles; ++nt) {
+          const int head = 4 * nt + tq;
+          if (nt < ntiles && head < group) {
+            const float dot = acc[t][nt][2 * half] + acc[t][nt][2 * half + 1];
+            const float logit =
+                row_ok ? finite_or_nan((dot * s.post[head] * row_scale[t][half] + s.qz[head]) *
+                                       a.scale)
+                       : NAN;
+            best = fmaxf(best, rank_value(logit));
+            if (a.softmax_sum && jj < nb) {
+              reinterpret_cast<float*>(ws_bh)[head * a.ws_row + j0 + jj] = logit;
+            }
+          }
+        }
+        if (!a.softmax_sum) {
+          best = fmaxf(best, __shfl_xor_sync(kFullMask, best, 1));
+          best = fmaxf(best, __shfl_xor_sync(kFullMask, best, 2));
+          if (tq == 0 && jj < nb) ws_bh[j0 + jj] = score_key(best);
+        }
+      }
+    }
+  }
+
+  static constexpr size_t smem_bytes() { return sizeof(Smem); }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Generic scorer (fp32 summaries, per-vector int8 / int4 box kinds, unaligned caches)
 // ------------------------------------------------------------------------------------------------
 
 // Channels [c0, c0 + CPL) of one stored vector, dequantized to float32 (per-channel formats:
@@ -130,413 +454,401 @@ __device__ inline void decode_channels(int format, const uint8_t* vec, int c0, f
   }
 }
 
-// Transposed butterfly over the lanes of a warp: N values per lane in, and after it lane l holds
-// the warp-wide sum of value index l >> (5 - log2 N) (N a power of two <= 32). Each step sends
-// half of the remaining values, so N values cost N - 1 + 5 - log2 N shuffles in all.
-template <int N, int kOffset>
-struct TransposeReduce {
-  template <int M>
-  __device__ static void run(float (&v)[M], int lane) {
-    constexpr int kHalf = N / 2;
-    const bool upper = (lane & kOffset) != 0;
-#pragma unroll
-    for (int k = 0; k < kHalf; ++k) {
-      const float send = upper ? v[k] : v[k + kHalf];
-      const float keep = upper ? v[k + kHalf] : v[k];
-      v[k] = keep + __shfl_xor_sync(kFullMask, send, kOffset);
+template <int D>
+struct GenericScorer {
+  static constexpr int kCpl = D / 32;  // channels per lane
+
+  struct Smem {
+    float q[kCudaMaxGroup][D];  // q * channel_scale (per-channel formats) or q
+    float qz[kCudaMaxGroup];
+    int64_t base[kChunkBlocks];
+    float vscale[kChunkBlocks][2];
+    alignas(16) uint8_t raw[kGenericStageBytes];
+  };
+
+  __device__ static void score(const SelectArgs& a, int b, int h, int64_t j0, int nb,
+                               unsigned char* smem_raw) {
+    Smem& s = *reinterpret_cast<Smem*>(smem_raw);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int group = a.group;
+    const int num_vectors = a.num_vectors;
+    const int vbytes = a.vector_bytes;
+    const int block_bytes = num_vectors * vbytes;
+    const bool vector_scales = a.scales != nullptr;
+    const bool box = num_vectors == 2;
+    const int32_t* pages = a.page_table + b * a.page_table_stride_batch;
+
+    const int64_t q_at = b * a.q_stride_batch + static_cast<int64_t>(h) * group * a.q_stride_head;
+    const float* cscale = a.channel_scale ? a.channel_scale + h * a.channel_stride_head : nullptr;
+    const float* czero = a.channel_zero ? a.channel_zero + h * a.channel_stride_head : nullptr;
+    for (int i = warp; i < group; i += kWarps) {
+      float qz = 0.0f;
+      for (int c = lane; c < D; c += 32) {
+        const float q = load_half_as_float(a.q, q_at + i * a.q_stride_head + c, a.q_bf16);
+        if (czero) qz = fmaf(q, czero[c], qz);
+        s.q[i][c] = cscale ? q * cscale[c] : q;
+      }
+      qz = warp_sum(qz);
+      if (lane == 0) s.qz[i] = qz;
     }
-    TransposeReduce<kHalf, kOffset / 2>::run(v, lane);
-  }
-};
-template <int kOffset>
-struct TransposeReduce<1, kOffset> {
-  template <int M>
-  __device__ static void run(float (&v)[M], int) {
-#pragma unroll
-    for (int o = kOffset; o > 0; o >>= 1) v[0] += __shfl_xor_sync(kFullMask, v[0], o);
-  }
-};
-
-// Scores of NB candidate blocks of one (sequence, head). kMaxG: the group padded to 4, 8 or 16.
-// Two CTAs per SM (<= 128 registers) except where the queries alone need more registers.
-template <int D, int kMaxG>
-__global__ void __launch_bounds__(kScoreThreads, D * kMaxG >= 2048 ? 1 : 2)
-    score_kernel(const __grid_constant__ SelectArgs a) {
-  constexpr int kCpl = D / 32;  // channels per lane
-  constexpr int kLanesPerHead = 32 / kMaxG;
-  extern __shared__ __align__(16) unsigned char smem[];
-  const int b = blockIdx.z, h = blockIdx.y;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const DevicePlan plan = plan_for(a, b, h);
-  if (plan.num_selected == 0 || plan.num_selected == plan.num_candidates) return;
-  const int nb_max = a.blocks_per_cta;
-  const int64_t j0 = plan.sink_blocks + static_cast<int64_t>(blockIdx.x) * nb_max;
-  if (j0 >= plan.local_begin) return;
-  const int nb = static_cast<int>(min64(nb_max, plan.local_begin - j0));
-  const int num_vectors = a.num_vectors;
-  const int vbytes = a.vector_bytes;
-  const int log2_bs = a.log2_block[h];
-  const bool vector_scales = a.scales != nullptr;
-  const bool per_channel = a.channel_scale != nullptr;
-
-  uint8_t* raw = smem;                                                  // [nb][R][vbytes]
-  int64_t* base =                                                        // [nb]
-      reinterpret_cast<int64_t*>(smem + static_cast<size_t>(nb_max) * num_vectors * vbytes);
-  float* vscale = reinterpret_cast<float*>(base + nb_max);              // [nb][2]
-
-  // Where each block's summary lives (byte offset of vector 0; -1 for a bad page entry).
-  const int32_t* pages = a.page_table + b * a.page_table_stride_batch;
-  for (int jj = tid; jj < nb; jj += kScoreThreads) {
-    const int64_t token0 = (j0 + jj) << log2_bs;
-    const int64_t page = pages[(token0 >> a.log2_page) * a.page_table_stride_page];
-    const bool ok = page >= 0 && page < a.num_pages;
-    const int64_t slot =
-        a.slot_offset[h] + ((token0 & ((int64_t{1} << a.log2_page) - 1)) >> log2_bs);
-    base[jj] = ok ? page * a.s_stride_page + slot * a.s_stride_slot : -1;
-    if (vector_scales) {
+    for (int jj = tid; jj < nb; jj += kThreads) {
+      const SummaryAt at = summary_at(a, pages, h, j0 + jj);
+      s.base[jj] = byte_offset(a, at);
       for (int r = 0; r < num_vectors; ++r) {
-        vscale[2 * jj + r] = ok ? a.scales[page * a.sc_stride_page + slot * a.sc_stride_slot +
-                                           r * a.sc_stride_vector]
-                                : 0.0f;
+        s.vscale[jj][r] = vector_scales && at.page >= 0 ? vector_scale(a, at, r) : 0.0f;
       }
     }
-  }
-  __syncthreads();
-  if (a.aligned16) {
-    const int chunks = vbytes / 16;
-    const int total = nb * num_vectors * chunks;
-#pragma unroll 4
-    for (int i = tid; i < total; i += kScoreThreads) {
-      const int jj = i / (num_vectors * chunks);
-      const int rem = i - jj * num_vectors * chunks;
-      const int r = rem / chunks, c = rem - r * chunks;
-      const int64_t at = base[jj];
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (at >= 0) {
-        v = __ldg(
-            reinterpret_cast<const uint4*>(a.summaries + at + r * a.s_stride_vector + c * 16));
-      }
-      const size_t dst = (static_cast<size_t>(jj) * num_vectors + r) * vbytes + c * 16;
-      *reinterpret_cast<uint4*>(raw + dst) = v;
-    }
-  } else {
-    const int total = nb * num_vectors * vbytes;
-    for (int i = tid; i < total; i += kScoreThreads) {
-      const int jj = i / (num_vectors * vbytes);
-      const int rem = i - jj * num_vectors * vbytes;
-      const int r = rem / vbytes, c = rem - r * vbytes;
-      const int64_t at = base[jj];
-      raw[i] = at >= 0 ? a.summaries[at + r * a.s_stride_vector + c] : 0;
-    }
-  }
-  __syncthreads();
+    __syncthreads();
 
-  // The group's queries for this lane's channels (q * scale for the per-channel formats) and
-  // q . zero per head (per-channel formats), reduced like the logits. Loaded after the staging:
-  // holding them across it costs ~40 registers.
-  const int group = a.group;
-  const int c0 = lane * kCpl;
-  float qr[kMaxG][kCpl];
-  float qz[kMaxG];
-  const int64_t q_at = b * a.q_stride_batch + static_cast<int64_t>(h) * group * a.q_stride_head;
-  const float* cscale = per_channel ? a.channel_scale + h * a.channel_stride_head : nullptr;
-  const float* czero = per_channel ? a.channel_zero + h * a.channel_stride_head : nullptr;
-#pragma unroll
-  for (int i = 0; i < kMaxG; ++i) {
-    qz[i] = 0.0f;
-#pragma unroll
-    for (int c = 0; c < kCpl; ++c) {
-      qr[i][c] = i < group ? load_half_as_float(a.q, q_at + i * a.q_stride_head + c0 + c, a.q_bf16)
-                           : 0.0f;
-      if (per_channel) {
-        qz[i] = fmaf(qr[i][c], czero[c0 + c], qz[i]);
-        qr[i][c] *= cscale[c0 + c];
-      }
-    }
-  }
-  TransposeReduce<kMaxG, 16>::run(qz, lane);
-  const float qz_mine = qz[0];  // q . zero of head `my_head` (0 for the other formats)
-  const int my_head = lane / kLanesPerHead;
-  const bool box = num_vectors == 2;
-  float* ws_bh = a.ws + (static_cast<int64_t>(b) * a.num_kv_heads + h) * a.ws_rows * a.ws_row;
-
-  for (int jj = warp; jj < nb; jj += kScoreWarps) {
-    const uint8_t* vec = raw + static_cast<size_t>(jj) * num_vectors * vbytes;
-    float mid[kCpl], rad[kCpl];
-    decode_channels<kCpl>(a.format, vec, c0, vector_scales ? vscale[2 * jj] : 0.0f, mid);
-    float acc[kMaxG];
-#pragma unroll
-    for (int i = 0; i < kMaxG; ++i) acc[i] = 0.0f;
-    if (box) {
-      decode_channels<kCpl>(a.format, vec + vbytes, c0, vector_scales ? vscale[2 * jj + 1] : 0.0f,
-                            rad);
-#pragma unroll
-      for (int c = 0; c < kCpl; ++c) {
-        const float hi = fmaxf(mid[c], rad[c]), lo = fminf(mid[c], rad[c]);
-        mid[c] = (hi + lo) * 0.5f;
-        rad[c] = (hi - lo) * 0.5f;
-      }
-#pragma unroll
-      for (int c = 0; c < kCpl; ++c) {
-#pragma unroll
-        for (int i = 0; i < kMaxG; ++i) {
-          acc[i] = fmaf(qr[i][c], mid[c], acc[i]);
-          acc[i] = fmaf(fabsf(qr[i][c]), rad[c], acc[i]);
+    uint32_t* ws_bh = ws_of(a, b, h);
+    const int per_stage = kGenericStageBytes / block_bytes;  // >= 16: block_bytes <= 2 KiB
+    for (int first = 0; first < nb; first += per_stage) {
+      const int count = min(per_stage, nb - first);
+      if (a.aligned16) {
+        const int chunks = vbytes / 16;
+        for (int i = tid; i < count * num_vectors * chunks; i += kThreads) {
+          const int jj = i / (num_vectors * chunks), rem = i % (num_vectors * chunks);
+          const int r = rem / chunks, c = rem % chunks;
+          const int64_t at = s.base[first + jj];
+          uint4 v = make_uint4(0, 0, 0, 0);
+          if (at >= 0) {
+            v = __ldg(reinterpret_cast<const uint4*>(a.summaries + at + r * a.s_stride_vector +
+                                                     c * 16));
+          }
+          *reinterpret_cast<uint4*>(s.raw + (jj * num_vectors + r) * vbytes + c * 16) = v;
+        }
+      } else {
+        for (int i = tid; i < count * block_bytes; i += kThreads) {
+          const int jj = i / block_bytes, rem = i % block_bytes;
+          const int r = rem / vbytes, c = rem % vbytes;
+          const int64_t at = s.base[first + jj];
+          s.raw[i] = at >= 0 ? a.summaries[at + r * a.s_stride_vector + c] : 0;
         }
       }
-    } else {
+      __syncthreads();
+      for (int jj = warp; jj < count; jj += kWarps) {
+        const uint8_t* vec = s.raw + jj * block_bytes;
+        const int c0 = lane * kCpl;
+        float mid[kCpl], rad[kCpl];
+        decode_channels<kCpl>(a.format, vec, c0, s.vscale[first + jj][0], mid);
+        if (box) {
+          decode_channels<kCpl>(a.format, vec + vbytes, c0, s.vscale[first + jj][1], rad);
 #pragma unroll
-      for (int c = 0; c < kCpl; ++c) {
+          for (int c = 0; c < kCpl; ++c) {
+            // A non-finite value must make the logit NaN: mid/rad keep it non-finite.
+            const float x = mid[c], y = rad[c];
+            mid[c] = (x + y) * 0.5f;
+            rad[c] = fabsf(x - y) * 0.5f;
+          }
+        }
+        const bool row_ok = s.base[first + jj] >= 0;
+        float best = -INFINITY;
+        for (int i = 0; i < group; ++i) {
+          float acc = 0.0f;
 #pragma unroll
-        for (int i = 0; i < kMaxG; ++i) acc[i] = fmaf(qr[i][c], mid[c], acc[i]);
+          for (int c = 0; c < kCpl; ++c) {
+            const float q = s.q[i][c0 + c];
+            acc = fmaf(q, mid[c], acc);
+            if (box) acc = fmaf(fabsf(q), rad[c], acc);
+          }
+          acc = warp_sum(acc);
+          const float logit = row_ok ? finite_or_nan((acc + s.qz[i]) * a.scale) : NAN;
+          best = fmaxf(best, rank_value(logit));
+          if (a.softmax_sum && lane == 0) {
+            reinterpret_cast<float*>(ws_bh)[i * a.ws_row + j0 + first + jj] = logit;
+          }
+        }
+        if (!a.softmax_sum && lane == 0) ws_bh[j0 + first + jj] = score_key(best);
       }
-    }
-    TransposeReduce<kMaxG, 16>::run(acc, lane);
-    float logit = (acc[0] + qz_mine) * a.scale;
-    if (base[jj] < 0) logit = NAN;  // bad page-table entry: ranked last
-    const int64_t j = j0 + jj;
-    if (!a.softmax_sum) {
-      const float best = warp_max(my_head < group ? rank_value(logit) : -INFINITY);
-      if (lane == 0) ws_bh[j] = best;
-    } else if (my_head < group && lane % kLanesPerHead == 0) {
-      ws_bh[my_head * a.ws_row + j] = logit;
+      __syncthreads();
     }
   }
-}
 
-// ------------------------------------------------------------------------------------------------
-// Top-k
-// ------------------------------------------------------------------------------------------------
-
-struct TopkShared {
-  uint32_t keys[kKeyCache];
-  uint32_t hist[256];
-  int32_t warp_int[kTopkWarps];
-  float warp_float[kTopkWarps];
-  uint32_t digit, above;
+  static constexpr size_t smem_bytes() { return sizeof(Smem); }
 };
 
-// Order-preserving key of a score: larger float -> larger key; NaN ranks as -inf, -0 as +0.
-__device__ inline uint32_t score_key(float x) {
-  x = rank_value(x);
-  if (x == 0.0f) x = 0.0f;
-  const uint32_t u = __float_as_uint(x);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
+// ------------------------------------------------------------------------------------------------
+// Selection by the last CTA of (b, h)
+// ------------------------------------------------------------------------------------------------
 
-// Exclusive prefix sum of v over the block's threads (in thread order); *total = the sum.
-__device__ int block_exclusive_scan(int v, int* total, TopkShared& s) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int x = v;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_up_sync(kFullMask, x, o);
-    if (lane >= o) x += y;
-  }
-  if (lane == 31) s.warp_int[warp] = x;
-  __syncthreads();
-  if (warp == 0) {
-    int w = lane < kTopkWarps ? s.warp_int[lane] : 0;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int y = __shfl_up_sync(kFullMask, w, o);
-      if (lane >= o) w += y;
-    }
-    if (lane < kTopkWarps) s.warp_int[lane] = w;  // inclusive over warps
-  }
-  __syncthreads();
-  const int result = (warp > 0 ? s.warp_int[warp - 1] : 0) + x - v;
-  *total = s.warp_int[kTopkWarps - 1];
-  __syncthreads();
-  return result;
-}
+struct SelectSmem {
+  uint32_t hist[kBins];
+  uint32_t keys[kKeyCache];
+  int32_t warp_a[kWarps], warp_b[kWarps];
+  float warp_f[kWarps];
+  uint32_t digit, above, equal;
+};
 
 // Block-wide max (fmaxf) or sum of one float per thread, in a fixed order.
 template <bool kMax>
-__device__ float block_reduce(float v, TopkShared& s) {
+__device__ float block_reduce(float v, SelectSmem& s) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   v = kMax ? warp_max(v) : warp_sum(v);
-  if (lane == 0) s.warp_float[warp] = v;
+  if (lane == 0) s.warp_f[warp] = v;
   __syncthreads();
-  float w = lane < kTopkWarps ? s.warp_float[lane] : (kMax ? -INFINITY : 0.0f);
+  float w = lane < kWarps ? s.warp_f[lane] : (kMax ? -INFINITY : 0.0f);
   w = kMax ? warp_max(w) : warp_sum(w);
   __syncthreads();
   return w;
 }
 
-__global__ void __launch_bounds__(kTopkThreads) topk_kernel(const __grid_constant__ SelectArgs a) {
-  __shared__ TopkShared s;
-  const int b = blockIdx.x, h = blockIdx.y;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const DevicePlan plan = plan_for(a, b, h);
+// Reads the candidate keys from shared memory (cached) or from the workspace (L2, written by
+// other CTAs: ld.global.cg, never a stale L1 line).
+struct KeySource {
+  const uint32_t* global;  // keys of candidates 0, 1, ... (block sink + c)
+  const uint32_t* shared;  // or null
+  __device__ uint32_t operator()(int64_t c) const {
+    return shared ? shared[c] : __ldcg(global + c);
+  }
+};
+
+__device__ void write_list(const SelectArgs& a, int b, int h, const DevicePlan& plan,
+                           bool take_all) {
   int32_t* out = a.block_indices + b * a.bi_stride_batch + h * a.bi_stride_head;
   const int64_t max_blocks = a.max_blocks;
   auto put = [&](int64_t pos, int64_t block) {
     if (pos < max_blocks) out[pos * a.bi_stride_slot] = static_cast<int32_t>(block);
   };
-  const int64_t sink = plan.sink_blocks, k = plan.num_selected, nc = plan.num_candidates;
-  for (int64_t j = tid; j < sink; j += kTopkThreads) put(j, j);
-  for (int64_t j = plan.local_begin + tid; j < plan.num_blocks; j += kTopkThreads) {
+  const int64_t sink = plan.sink_blocks, k = plan.num_selected;
+  for (int64_t j = threadIdx.x; j < sink; j += kThreads) put(j, j);
+  if (take_all) {
+    for (int64_t c = threadIdx.x; c < k; c += kThreads) put(sink + c, sink + c);
+  }
+  for (int64_t j = plan.local_begin + threadIdx.x; j < plan.num_blocks; j += kThreads) {
     put(sink + k + (j - plan.local_begin), j);
   }
-  if (k == nc) {
-    for (int64_t c = tid; c < nc; c += kTopkThreads) put(sink + c, sink + c);
-  } else if (k > 0) {
-    float* row =  // the scores of candidates sink, sink + 1, ...
-        a.ws + (static_cast<int64_t>(b) * a.num_kv_heads + h) * a.ws_rows * a.ws_row + sink;
-    if (a.softmax_sum) {
-      // score[c] = sum over heads i of softmax_c(logit_i) (heads without a finite logit add 0).
-      float* score = row + static_cast<int64_t>(a.group) * a.ws_row;
-      for (int64_t c = tid; c < nc; c += kTopkThreads) score[c] = 0.0f;
-      for (int i = 0; i < a.group; ++i) {
-        const float* logit = row + static_cast<int64_t>(i) * a.ws_row;
-        float peak = -INFINITY;
-        for (int64_t c = tid; c < nc; c += kTopkThreads) peak = fmaxf(peak, rank_value(logit[c]));
-        peak = block_reduce<true>(peak, s);
-        if (!isfinite(peak)) continue;  // uniform across the block
-        float total = 0.0f;
-        for (int64_t c = tid; c < nc; c += kTopkThreads) total += expf(rank_value(logit[c]) - peak);
-        total = block_reduce<false>(total, s);
-        for (int64_t c = tid; c < nc; c += kTopkThreads) {
-          score[c] += expf(rank_value(logit[c]) - peak) / total;
-        }
-      }
-      __syncthreads();
-      row = score;
-    }
-    // Radix select: the key T of the k-th largest score, and how many scores equal to T
-    // (the lowest-index ones) complete the k.
-    const bool cached = nc <= kKeyCache;
-    uint32_t prefix = 0, mask = 0;
-    int64_t want = k;  // rank of the threshold among the keys matching prefix
-    for (int pass = 0; pass < 4; ++pass) {
-      const int shift = 24 - 8 * pass;
-      if (tid < 256) s.hist[tid] = 0;
-      __syncthreads();
-      for (int64_t c = tid; c < nc; c += kTopkThreads) {
-        uint32_t key;
-        if (pass == 0) {
-          key = score_key(row[c]);
-          if (cached) s.keys[c] = key;
-        } else {
-          key = cached ? s.keys[c] : score_key(row[c]);
-        }
-        if ((key & mask) == prefix) atomicAdd(&s.hist[(key >> shift) & 0xFF], 1u);
-      }
-      __syncthreads();
-      if (warp == 0) {  // lane l holds digits 255 - 8l - i, i = 0..7 (descending)
-        uint32_t cnt[8], mine = 0;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          cnt[i] = s.hist[255 - 8 * lane - i];
-          mine += cnt[i];
-        }
-        uint32_t incl = mine;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-          const uint32_t y = __shfl_up_sync(kFullMask, incl, o);
-          if (lane >= o) incl += y;
-        }
-        uint32_t run = incl - mine;
-        if (static_cast<int64_t>(run) < want && want <= static_cast<int64_t>(incl)) {
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            if (static_cast<int64_t>(run + cnt[i]) >= want) {
-              s.digit = 255 - 8 * lane - i;
-              s.above = run;
-              break;
-            }
-            run += cnt[i];
-          }
-        }
-      }
-      __syncthreads();
-      prefix |= s.digit << shift;
-      mask |= 0xFFu << shift;
-      want -= s.above;
-      __syncthreads();
-    }
-    const uint32_t threshold = prefix;
-    const int64_t take_equal = want;  // >= 1
-    // Ordered compaction: position of each selected candidate among the selected.
-    int64_t equal_before = 0, selected_before = 0;
-    for (int64_t base = 0; base < nc && selected_before < k; base += kTopkThreads) {
-      const int64_t c = base + tid;
-      const uint32_t key = c < nc ? (cached ? s.keys[c] : score_key(row[c])) : 0;
-      const bool greater = c < nc && key > threshold;
-      const bool equal = c < nc && key == threshold;
-      int equal_total = 0, selected_total = 0;
-      const int equal_rank = block_exclusive_scan(equal ? 1 : 0, &equal_total, s);
-      const bool take = greater || (equal && equal_before + equal_rank < take_equal);
-      const int pos = block_exclusive_scan(take ? 1 : 0, &selected_total, s);
-      if (take) put(sink + selected_before + pos, sink + c);
-      equal_before += equal_total;
-      selected_before += selected_total;
-    }
-  }
   const int64_t count = plan.count();
-  for (int64_t pos = count + tid; pos < max_blocks; pos += kTopkThreads) {
+  for (int64_t pos = count + threadIdx.x; pos < max_blocks; pos += kThreads) {
     out[pos * a.bi_stride_slot] = -1;
   }
-  if (tid == 0) {
+  if (threadIdx.x == 0) {
     a.block_counts[b * a.bc_stride_batch + h * a.bc_stride_head] =
         static_cast<int32_t>(min64(count, max_blocks));
   }
 }
 
-template <int D, int kMaxG>
-void launch_score(const SelectArgs& a, dim3 grid, size_t smem, cudaStream_t stream) {
-  score_kernel<D, kMaxG><<<grid, kScoreThreads, smem, stream>>>(a);
+// Exclusive scan of one int per warp (lane 0's value) over the CTA's warps; returns the sum of
+// the warps before `warp`, *total = the sum of all.
+__device__ int warp_prefix(int v, int32_t* slots, int* total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) slots[warp] = v;
+  __syncthreads();
+  int before = 0, all = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    const int x = slots[w];
+    before += w < warp ? x : 0;
+    all += x;
+  }
+  __syncthreads();
+  *total = all;
+  return before;
 }
 
-void check_select(const char* fn, const SelectBlocksParams& p) {
-  const BatchGeometry& g = p.geometry;
-  const LayerLayout& layout = check_cuda_layout(fn, p.layout, g, "layout");
-  ABSPARSE_CHECK_ARG(p.num_q_heads > 0 && p.num_q_heads % g.num_kv_heads == 0, fn,
-                     "q: expected a number of query heads that is a positive multiple of the ",
-                     g.num_kv_heads, " KV heads, got ", p.num_q_heads);
-  const int group = p.num_q_heads / g.num_kv_heads;
-  ABSPARSE_CHECK_ARG(group <= kCudaMaxGroup, fn, "q: the CUDA kernels support up to ",
-                     kCudaMaxGroup, " query heads per KV head, got ", group);
-  ABSPARSE_CHECK_ARG(g.head_dim == 64 || g.head_dim == 128 || g.head_dim == 256, fn,
-                     "head_dim: the CUDA kernels support 64, 128 and 256, got ", g.head_dim);
-  ABSPARSE_CHECK_ARG(p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16, fn,
-                     "q: the CUDA kernels support float16 and bfloat16 (float32 runs on the CPU "
-                     "only), got ", dtype_name(p.dtype));
-  ABSPARSE_CHECK_ARG(g.batch >= 0 && g.batch <= 65535, fn,
-                     "batch: the CUDA kernels support 0 to 65535 sequences, got ", g.batch);
-  ABSPARSE_CHECK_ARG(g.max_pages >= 0 && g.num_pages >= 0, fn,
-                     "max_pages, num_pages: expected >= 0, got ", g.max_pages, ", ", g.num_pages);
-  ABSPARSE_CHECK_ARG(std::isfinite(p.scale), fn, "scale: expected a finite value, got ", p.scale);
-  if (p.budget_fraction != 0.0) {
-    ABSPARSE_CHECK_ARG(p.budget_fraction > 0.0 && p.budget_fraction < 1.0, fn,
-                       "token_budget: a fractional budget must lie in (0, 1), got ",
-                       p.budget_fraction);
-  } else {
-    ABSPARSE_CHECK_ARG(p.budget_tokens >= 0, fn, "token_budget: expected a token count >= 0, got ",
-                       p.budget_tokens);
+__device__ void select_top_k(const SelectArgs& a, int b, int h, const DevicePlan& plan,
+                             unsigned char* smem_raw) {
+  SelectSmem& s = *reinterpret_cast<SelectSmem*>(smem_raw);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int64_t nc = plan.num_candidates, k = plan.num_selected, sink = plan.sink_blocks;
+  uint32_t* ws_bh = ws_of(a, b, h);
+  const bool cached = nc <= kKeyCache;
+  uint32_t* key_row = ws_bh + static_cast<int64_t>(a.ws_rows - 1) * a.ws_row + sink;
+
+  if (a.softmax_sum) {
+    // score[c] = sum over heads i of softmax_c(logit_i): heads in order, each a fixed-order
+    // block reduction, so the result does not depend on which CTA selects.
+    // The float scores live in the key row until they are converted to keys.
+    const float* logits = reinterpret_cast<const float*>(ws_bh) + sink;
+    float* score = reinterpret_cast<float*>(key_row);
+    for (int64_t c = tid; c < nc; c += kThreads) score[c] = 0.0f;
+    for (int i = 0; i < a.group; ++i) {
+      const float* row = logits + static_cast<int64_t>(i) * a.ws_row;
+      float peak = -INFINITY;
+      for (int64_t c = tid; c < nc; c += kThreads) peak = fmaxf(peak, rank_value(__ldcg(row + c)));
+      peak = block_reduce<true>(peak, s);
+      if (!isfinite(peak)) continue;  // uniform across the block
+      float total = 0.0f;
+      for (int64_t c = tid; c < nc; c += kThreads) {
+        total += expf(rank_value(__ldcg(row + c)) - peak);
+      }
+      total = block_reduce<false>(total, s);
+      for (int64_t c = tid; c < nc; c += kThreads) {
+        score[c] += expf(rank_value(__ldcg(row + c)) - peak) / total;
+      }
+    }
+    // Each thread rewrote only its own candidates: no barrier needed before it re-reads them.
+    for (int64_t c = tid; c < nc; c += kThreads) {
+      const uint32_t key = score_key(score[c]);
+      if (cached) {
+        s.keys[c] = key;
+      } else {
+        key_row[c] = key;
+      }
+    }
+  } else if (cached) {
+    for (int64_t c = tid; c < nc; c += kThreads) s.keys[c] = __ldcg(key_row + c);
   }
-  ABSPARSE_CHECK_ARG(p.sink_tokens >= 0, fn, "sink_tokens: expected >= 0, got ", p.sink_tokens);
-  ABSPARSE_CHECK_ARG(p.local_tokens >= 0, fn, "local_tokens: expected >= 0, got ", p.local_tokens);
-  ABSPARSE_CHECK_ARG(p.group_reduce == GroupReduce::kMax ||
-                         p.group_reduce == GroupReduce::kSoftmaxSum,
-                     fn, "group_reduce: expected max or softmax_sum, got ",
-                     static_cast<int>(p.group_reduce));
-  const SummaryFormat format = layout.format();
-  if (format_has_vector_scales(format)) {
-    ABSPARSE_CHECK_ARG(p.summaries.scales != nullptr, fn, "scales: format '",
-                       summary_format_name(format), "' needs a scales tensor, got None");
+  __syncthreads();
+  const KeySource key_of{key_row, cached ? s.keys : nullptr};
+
+  // Radix select: the threshold prefix of the k-th largest key (digits of 11, 11 and 10 bits);
+  // `want` = how many keys equal to the prefix (lowest indices first) complete the k.
+  uint32_t prefix = 0, mask = 0;
+  int64_t want = k;
+  for (int pass = 0; pass < 3; ++pass) {
+    const int shift = pass == 0 ? 21 : (pass == 1 ? 10 : 0);
+    const uint32_t dmask = pass == 2 ? 0x3FFu : 0x7FFu;
+    for (int i = tid; i < kBins; i += kThreads) s.hist[i] = 0;
+    __syncthreads();
+    for (int64_t base = warp * 32; base < nc; base += kThreads) {
+      const int64_t c = base + lane;
+      const bool in = c < nc;
+      const uint32_t key = in ? key_of(c) : 0;
+      const bool match = in && (key & mask) == prefix;
+      const uint32_t digit = (key >> shift) & dmask;
+      // Whole-warp agreement (ties, or a first digit shared by every key) costs one atomic.
+      const uint32_t voters = __ballot_sync(kFullMask, match);
+      const uint32_t first_digit = __shfl_sync(kFullMask, digit, 0);
+      if (voters == kFullMask && __all_sync(kFullMask, digit == first_digit)) {
+        if (lane == 0) atomicAdd(&s.hist[first_digit], 32u);
+      } else if (match) {
+        atomicAdd(&s.hist[digit], 1u);
+      }
+    }
+    __syncthreads();
+    // Descending scan: thread t owns the 8 digits 2047 - 8t .. 2040 - 8t (fewer in pass 2).
+    const int per = (dmask + 1) / kThreads;  // 8 or 4
+    uint32_t cnt[8];
+    uint32_t mine = 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      cnt[i] = i < per ? s.hist[dmask - per * tid - i] : 0;
+      mine += cnt[i];
+    }
+    uint32_t incl = mine;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const uint32_t y = __shfl_up_sync(kFullMask, incl, o);
+      if (lane >= o) incl += y;
+    }
+    if (lane == 31) s.warp_a[warp] = static_cast<int32_t>(incl);
+    __syncthreads();
+    uint32_t before = 0;
+    for (int w = 0; w < warp; ++w) before += static_cast<uint32_t>(s.warp_a[w]);
+    uint32_t run = before + incl - mine;
+    if (static_cast<int64_t>(run) < want && want <= static_cast<int64_t>(run + mine)) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        if (i < per && static_cast<int64_t>(run + cnt[i]) >= want) {
+          s.digit = static_cast<uint32_t>(dmask - per * tid - i);
+          s.above = run;
+          s.equal = cnt[i];
+          break;
+        }
+        run += cnt[i];
+      }
+    }
+    __syncthreads();
+    prefix |= s.digit << shift;
+    mask |= dmask << shift;
+    want -= s.above;
+    const bool exact = static_cast<int64_t>(s.equal) == want;  // every key with the prefix wins
+    __syncthreads();
+    if (exact) break;
   }
-  if (format_is_per_channel(format)) {
-    ABSPARSE_CHECK_ARG(p.summaries.channel_scale && p.summaries.channel_zero, fn,
-                       "layout: format '", summary_format_name(format),
-                       "' needs channel_scale and channel_zero, got None");
+
+  // Ordered compaction: warp w walks candidates [w seg, (w+1) seg) in 32-wide steps; a candidate
+  // is taken when its masked key is above the prefix, or equal and among the first `want` equal
+  // ones by index.
+  const int64_t seg = ((nc + kWarps - 1) / kWarps + 31) / 32 * 32;
+  const int64_t lo = min64(static_cast<int64_t>(warp) * seg, nc), hi = min64(lo + seg, nc);
+  int gt = 0, eq = 0;
+  for (int64_t base = lo; base < hi; base += 32) {
+    const int64_t c = base + lane;
+    const uint32_t key = c < hi ? key_of(c) & mask : 0;
+    gt += __popc(__ballot_sync(kFullMask, c < hi && key > prefix));
+    eq += __popc(__ballot_sync(kFullMask, c < hi && key == prefix));
   }
-  const int64_t bound = select_blocks_capacity_bound(p);
-  ABSPARSE_CHECK_ARG(p.max_blocks >= bound, fn, "max_blocks: on CUDA tensors the capacity must ",
-                     "hold the most blocks any length the page table allows can need with this ",
-                     "budget (seq_lens are not read on the host), expected >= ", bound, ", got ",
-                     p.max_blocks);
+  int eq_total = 0;
+  const int eq_before = warp_prefix(eq, s.warp_a, &eq_total);
+  const int eq_taken = static_cast<int>(max64(0, min64(eq, want - eq_before)));
+  int taken_total = 0;
+  const int taken_before = warp_prefix(gt + eq_taken, s.warp_b, &taken_total);
+  int32_t* out = a.block_indices + b * a.bi_stride_batch + h * a.bi_stride_head;
+  const uint32_t below = (1u << lane) - 1;
+  int64_t eq_seen = eq_before, written = taken_before;
+  for (int64_t base = lo; base < hi; base += 32) {
+    const int64_t c = base + lane;
+    const uint32_t key = c < hi ? key_of(c) & mask : 0;
+    const bool greater = c < hi && key > prefix;
+    const bool equal = c < hi && key == prefix;
+    const uint32_t eq_mask = __ballot_sync(kFullMask, equal);
+    const bool take = greater || (equal && eq_seen + __popc(eq_mask & below) < want);
+    const uint32_t take_mask = __ballot_sync(kFullMask, take);
+    const int64_t pos = sink + written + __popc(take_mask & below);
+    if (take && pos < a.max_blocks) out[pos * a.bi_stride_slot] = static_cast<int32_t>(sink + c);
+    eq_seen += __popc(eq_mask);
+    written += __popc(take_mask);
+  }
+  write_list(a, b, h, plan, false);
+}
+
+template <class Scorer>
+__global__ void __launch_bounds__(kThreads, 2) select_kernel(const __grid_constant__ SelectArgs a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ int is_last;
+  const int b = blockIdx.y;
+  // Head of this CTA: chunk_begin[h] <= x < chunk_begin[h + 1].
+  const int x = blockIdx.x;
+  int lo = 0, hi = a.num_kv_heads;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (a.chunk_begin[mid] <= x) lo = mid; else hi = mid;
+  }
+  const int h = lo;
+  const int chunk = x - a.chunk_begin[h];
+  const DevicePlan plan = plan_for(a, b, h);
+  const int64_t nc = plan.num_candidates, k = plan.num_selected;
+  if (k == 0 || k == nc) {
+    if (chunk == 0) write_list(a, b, h, plan, true);
+    return;
+  }
+  const int64_t chunks = ceil_div(nc, kChunkBlocks);
+  if (chunk >= chunks) return;
+  const int64_t j0 = plan.sink_blocks + static_cast<int64_t>(chunk) * kChunkBlocks;
+  const int nb = static_cast<int>(min64(kChunkBlocks, plan.local_begin - j0));
+  Scorer::score(a, b, h, j0, nb, smem);
+
+  // Arrival: the last CTA of (b, h) selects. Its reads of the other CTAs' keys follow their
+  // fence + atomic, and its own fence + barrier (the threadFenceReduction pattern).
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const uint32_t arrived =
+        atomicAdd(a.arrivals + static_cast<int64_t>(b) * a.num_kv_heads + h, 1u);
+    is_last = arrived == static_cast<uint32_t>(chunks - 1);
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  select_top_k(a, b, h, plan, smem);
+}
+
+template <class Scorer>
+void launch_select(const SelectArgs& a, int batch, cudaStream_t stream) {
+  const size_t smem = Scorer::smem_bytes() > sizeof(SelectSmem) ? Scorer::smem_bytes()
+                                                                 : sizeof(SelectSmem);
+  static bool configured[64] = {};
+  int device = 0;
+  ABSPARSE_CUDA_CHECK(cudaGetDevice(&device));
+  if (smem > 48 * 1024 && (device >= 64 || !configured[device])) {
+    ABSPARSE_CUDA_CHECK(cudaFuncSetAttribute(select_kernel<Scorer>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(smem)));
+    if (device < 64) configured[device] = true;
+  }
+  const dim3 grid(static_cast<unsigned>(a.num_chunk_ctas), static_cast<unsigned>(batch));
+  select_kernel<Scorer><<<grid, kThreads, smem, stream>>>(a);
+  ABSPARSE_CUDA_CHECK(cudaGetLastError());
 }
 
 int64_t capacity_blocks(const SelectBlocksParams& p) {
@@ -544,16 +856,42 @@ int64_t capacity_blocks(const SelectBlocksParams& p) {
   return capacity / p.layout->min_block_size();
 }
 
+// Bytes of the workspace: keys / logits, then the arrival counters at a 256-byte boundary.
+int64_t key_bytes(const SelectBlocksParams& p) {
+  const int64_t rows = p.group_reduce == GroupReduce::kSoftmaxSum
+                           ? p.num_q_heads / p.geometry.num_kv_heads + 1
+                           : 1;
+  const int64_t bytes = static_cast<int64_t>(p.geometry.batch) * p.geometry.num_kv_heads * rows *
+                        capacity_blocks(p) * 4;
+  return (bytes + 255) / 256 * 256;
+}
+
+// The tensor-core scorer runs when the format's codes convert exactly (all but fp32), the box
+// identity holds (not for int8 / int4 with per-vector scales), and every thread-chunk load is
+// aligned (16 bytes, 8 for 4-bit codes at D = 64).
+bool use_mma_scorer(const SelectBlocksParams& p, int head_dim) {
+  const SummaryFormat f = p.layout->format();
+  if (f == SummaryFormat::kFp32) return false;
+  if (format_has_vector_scales(f) && p.layout->summary_vectors() == 2) return false;
+  const int esize = dtype_size(summary_dtype(f));
+  const int64_t vec_bytes = static_cast<int64_t>(summary_width(f, head_dim)) * esize;
+  const int64_t align = vec_bytes >= 64 ? 16 : 8;
+  const auto ok = [align](int64_t x) { return x % align == 0; };
+  return reinterpret_cast<uintptr_t>(p.summaries.data) % align == 0 &&
+         ok(p.summaries.stride_page * esize) && ok(p.summaries.stride_slot * esize) &&
+         ok(p.summaries.stride_vector * esize);
+}
+
 }  // namespace
 
 void run_select_blocks(const SelectBlocksParams& p, void* workspace) {
   const char* fn = "select_blocks";
-  check_select(fn, p);
+  check_select_blocks_cuda(p);
   const BatchGeometry& g = p.geometry;
   const LayerLayout& layout = *p.layout;
   if (g.batch == 0) return;
   const size_t need = select_blocks_workspace_size(p);
-  ABSPARSE_CHECK_ARG(need == 0 || workspace != nullptr, fn, "workspace: expected ", need,
+  ABSPARSE_CHECK_ARG(workspace != nullptr, fn, "workspace: expected ", need,
                      " bytes (select_blocks_workspace_size), got none");
   const int group = p.num_q_heads / g.num_kv_heads;
   const SummaryFormat format = layout.format();
@@ -580,7 +918,8 @@ void run_select_blocks(const SelectBlocksParams& p, void* workspace) {
   a.vector_bytes = summary_width(format, g.head_dim) * esize;
   const auto aligned = [](int64_t x) { return x % 16 == 0; };
   a.aligned16 = reinterpret_cast<uintptr_t>(p.summaries.data) % 16 == 0 &&
-                aligned(a.s_stride_page) && aligned(a.s_stride_slot) && aligned(a.s_stride_vector);
+                aligned(a.s_stride_page) && aligned(a.s_stride_slot) &&
+                aligned(a.s_stride_vector) && aligned(a.vector_bytes);
   a.seq_lens = g.seq_lens;
   a.seq_lens_stride = g.seq_lens_stride;
   a.page_table = g.page_table;
@@ -597,11 +936,10 @@ void run_select_blocks(const SelectBlocksParams& p, void* workspace) {
   a.local_tokens = p.local_tokens;
   a.softmax_sum = p.group_reduce == GroupReduce::kSoftmaxSum;
   a.scale = static_cast<float>(p.scale);
-  a.ws = static_cast<float*>(workspace);
+  a.ws = static_cast<uint32_t*>(workspace);
   a.ws_row = capacity_blocks(p);
   a.ws_rows = a.softmax_sum ? group + 1 : 1;
-  const int block_bytes = a.num_vectors * a.vector_bytes;
-  a.blocks_per_cta = static_cast<int>(clamp64(16384 / block_bytes, 16, 128));
+  a.arrivals = reinterpret_cast<uint32_t*>(static_cast<char*>(workspace) + key_bytes(p));
   a.block_indices = p.block_indices;
   a.bi_stride_batch = p.block_indices_stride_batch;
   a.bi_stride_head = p.block_indices_stride_head;
@@ -610,31 +948,34 @@ void run_select_blocks(const SelectBlocksParams& p, void* workspace) {
   a.block_counts = p.block_counts;
   a.bc_stride_batch = p.block_counts_stride_batch;
   a.bc_stride_head = p.block_counts_stride_head;
+  const int64_t capacity = a.capacity;
+  int64_t ctas = 0;
   for (int h = 0; h < g.num_kv_heads; ++h) {
     a.log2_block[h] = static_cast<uint8_t>(log2_exact(layout.block_size(h)));
     a.slot_offset[h] = layout.slot_offset(h);
+    a.chunk_begin[h] = static_cast<int32_t>(ctas);
+    ctas += max64(1, ceil_div(capacity / layout.block_size(h), kChunkBlocks));
+    ABSPARSE_CHECK_ARG(ctas <= INT32_MAX, fn, "page_table: too many blocks per sequence for one ",
+                       "launch (", capacity, " tokens)");
   }
+  a.chunk_begin[g.num_kv_heads] = static_cast<int32_t>(ctas);
+  a.num_chunk_ctas = static_cast<int>(ctas);
 
   const cudaStream_t stream = to_stream(p.stream);
-  if (a.ws_row > 0) {
-    const int64_t grid_x = ceil_div(a.ws_row, a.blocks_per_cta);
-    ABSPARSE_CHECK_ARG(grid_x <= INT32_MAX, fn, "page_table: too many blocks per sequence for ",
-                       "one launch (", a.ws_row, ")");
-    const dim3 grid(static_cast<unsigned>(grid_x), g.num_kv_heads, g.batch);
-    const size_t smem = static_cast<size_t>(a.blocks_per_cta) * (block_bytes + 8 + 8);
-    ABSPARSE_DISPATCH_HEAD_DIM(fn, g.head_dim, kDim, [&] {
-      if (group <= 4) {
-        launch_score<kDim, 4>(a, grid, smem, stream);
-      } else if (group <= 8) {
-        launch_score<kDim, 8>(a, grid, smem, stream);
-      } else {
-        launch_score<kDim, 16>(a, grid, smem, stream);
-      }
-    });
-    ABSPARSE_CUDA_CHECK(cudaGetLastError());
-  }
-  topk_kernel<<<dim3(g.batch, g.num_kv_heads), kTopkThreads, 0, stream>>>(a);
-  ABSPARSE_CUDA_CHECK(cudaGetLastError());
+  ABSPARSE_CUDA_CHECK(cudaMemsetAsync(a.arrivals, 0,
+                                      sizeof(uint32_t) * g.batch * g.num_kv_heads, stream));
+  const bool mma = use_mma_scorer(p, g.head_dim);
+  ABSPARSE_DISPATCH_HEAD_DIM(fn, g.head_dim, kDim, [&] {
+    if (!mma) {
+      launch_select<GenericScorer<kDim>>(a, g.batch, stream);
+    } else if (format_is_4bit(format)) {
+      launch_select<MmaScorer<kDim, 4>>(a, g.batch, stream);
+    } else if (esize == 1) {
+      launch_select<MmaScorer<kDim, 8>>(a, g.batch, stream);
+    } else {
+      launch_select<MmaScorer<kDim, 16>>(a, g.batch, stream);
+    }
+  });
 }
 
 }  // namespace absparse::cuda
@@ -646,28 +987,8 @@ size_t select_blocks_workspace_size(const SelectBlocksParams& p) {
       p.num_q_heads <= 0) {
     return 0;
   }
-  const int64_t rows = p.group_reduce == GroupReduce::kSoftmaxSum
-                           ? p.num_q_heads / p.geometry.num_kv_heads + 1
-                           : 1;
-  const int64_t floats = static_cast<int64_t>(p.geometry.batch) * p.geometry.num_kv_heads * rows *
-                         cuda::capacity_blocks(p);
-  return static_cast<size_t>(floats) * sizeof(float);
-}
-
-int64_t select_blocks_capacity_bound(const SelectBlocksParams& p) {
-  const int64_t capacity = static_cast<int64_t>(p.geometry.max_pages) * p.geometry.page_size;
-  const int64_t budget = p.budget_fraction > 0.0
-                             ? static_cast<int64_t>(std::ceil(p.budget_fraction * capacity))
-                             : p.budget_tokens;
-  int64_t bound = 0;
-  for (int h = 0; h < p.layout->num_kv_heads(); ++h) {
-    const int64_t bs = p.layout->block_size(h);
-    const auto blocks_of = [bs](int64_t tokens) { return tokens / bs + (tokens % bs != 0); };
-    const int64_t kept = blocks_of(p.sink_tokens) + blocks_of(p.local_tokens);
-    const int64_t most = std::min(capacity / bs, std::max(kept, budget / bs));
-    bound = std::max(bound, most);
-  }
-  return bound;
+  return static_cast<size_t>(cuda::key_bytes(p)) +
+         sizeof(uint32_t) * p.geometry.batch * p.geometry.num_kv_heads;
 }
 
 void select_blocks_cuda(const SelectBlocksParams& p, void* workspace) {

@@ -5,9 +5,11 @@ expected and the actual value), allocates outputs here, and runs on the tensors'
 semantics are in ``docs/decode.md``.
 
 On CUDA tensors (when ``absparse._C.has_cuda``) the kernels of ``absparse/decode_cuda.h`` run on
-the current stream with a workspace allocated here. There the native layer checks shapes, dtypes
-and devices only: values such as ``seq_lens`` or block lists stay on the device (reading them would
-synchronize), and the kernels clamp or skip bad ones instead of raising.
+the current stream (select_blocks with a workspace allocated here). There the native layer checks
+everything it can without reading device memory (shapes, dtypes, devices, layouts, the supported
+GPU configurations) and raises ``ValueError`` before any device work; values such as ``seq_lens``
+or block lists stay on the device (reading them would synchronize), and the kernels clamp or skip
+bad ones instead of raising.
 """
 from __future__ import annotations
 
@@ -93,14 +95,35 @@ def _cuda_workspace(nbytes: int, device) -> Optional[torch.Tensor]:
     return torch.empty(nbytes, dtype=torch.uint8, device=device) if nbytes > 0 else None
 
 
-def default_max_blocks(page_table: torch.Tensor, layout: LayerLayout) -> int:
-    """Capacity that fits any length the page table can hold: ceil(max_pages * P / min bs)."""
-    return -(-page_table.shape[-1] * layout.page_size // layout.min_block_size)
+def default_max_blocks(page_table: torch.Tensor, layout: LayerLayout,
+                       token_budget: Union[int, float, None] = None, sink_tokens: int = 16,
+                       local_tokens: int = 64) -> int:
+    """Capacity of the block lists that fits any length the page table can hold.
+
+    Without ``token_budget``: every block, ``ceil(max_pages * P / min bs)``. With it (what
+    ``select_blocks`` uses by default): the most blocks one (sequence, head) can keep under that
+    budget and these windows, ``max_h min(max_pages * P / bs_h, max(ceil(sink / bs_h) +
+    ceil(local / bs_h), T / bs_h))`` with T the budget in tokens (a fraction of ``max_pages * P``
+    for a float budget); no sequence length is read.
+
+    >>> layout = LayerLayout([8, 64], page_size=64)
+    >>> pt = torch.zeros(1, 2048, dtype=torch.int32)            # 128K tokens of capacity
+    >>> default_max_blocks(pt, layout), default_max_blocks(pt, layout, 2048)
+    (16384, 256)
+    """
+    max_pages = page_table.shape[-1]
+    if token_budget is None:
+        return -(-max_pages * layout.page_size // layout.min_block_size)
+    budget_tokens, budget_fraction = _budget(token_budget)
+    return _C.max_blocks_bound(layout._native, max_pages, budget_tokens, budget_fraction,
+                               _non_negative_int(sink_tokens, "sink_tokens"),
+                               _non_negative_int(local_tokens, "local_tokens"))
 
 
 def update_centroids(k_cache: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,
                      start_pos: torch.Tensor, layout: LayerLayout, summaries: torch.Tensor,
-                     scales: Optional[torch.Tensor] = None) -> None:
+                     scales: Optional[torch.Tensor] = None,
+                     max_new_tokens: Optional[int] = None) -> None:
     """Write the summaries of the blocks that become complete in tokens ``[start_pos, seq_lens)``.
 
     Parameters
@@ -111,6 +134,9 @@ def update_centroids(k_cache: torch.Tensor, page_table: torch.Tensor, seq_lens: 
     start_pos : int32 [B], ``0 <= start_pos <= seq_lens`` (0 after prefill, L-1 after one append)
     layout : LayerLayout of this layer
     summaries, scales : the summary cache from ``layout.new_summary_cache`` (updated in place)
+    max_new_tokens : on CUDA tensors, a hint that no sequence has more than this many new tokens
+        (``seq_lens - start_pos``), e.g. 1 in a decode step: it sizes the launch. A wrong hint
+        costs speed, never correctness. Ignored on the CPU.
 
     Example
     -------
@@ -125,9 +151,16 @@ def update_centroids(k_cache: torch.Tensor, page_table: torch.Tensor, seq_lens: 
     layout = _check_layout(layout, "update_centroids")
     _tensor(summaries, "update_centroids", "summaries")
     channel_scale, channel_zero = layout.channel_params(summaries.device)
+    if max_new_tokens is None:
+        max_new_tokens = 0
+    elif (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral)
+          or max_new_tokens < 1):
+        raise ValueError(f"update_centroids: max_new_tokens: expected an int >= 1 or None, got "
+                         f"{max_new_tokens!r}")
     cuda = {"stream": _cuda_stream(k_cache)} if _is_cuda(k_cache) else {}
     _C.update_centroids(k_cache, page_table, seq_lens, start_pos, layout._native, summaries,
-                        scales, channel_scale, channel_zero, **cuda)
+                        scales, channel_scale, channel_zero,
+                        max_new_tokens=min(int(max_new_tokens), _UNBOUNDED), **cuda)
 
 
 def select_blocks(q: torch.Tensor, summaries: torch.Tensor, scales: Optional[torch.Tensor],
@@ -146,7 +179,8 @@ def select_blocks(q: torch.Tensor, summaries: torch.Tensor, scales: Optional[tor
     token_budget : int tokens, or float in (0, 1) = ``ceil(fraction * L_b)`` tokens per sequence
     sink_tokens, local_tokens : always-kept first / last tokens (rounded up to whole blocks)
     group_reduce : "max" (max block logit over the group's query heads) or "softmax_sum"
-    max_blocks : capacity of the output lists (default: ``default_max_blocks``)
+    max_blocks : capacity of the output lists (default: ``default_max_blocks(page_table,
+        layout, token_budget, sink_tokens, local_tokens)``, the most any length can need)
     scale : logit scale, default ``1/sqrt(D)``
 
     Returns
@@ -175,7 +209,8 @@ def select_blocks(q: torch.Tensor, summaries: torch.Tensor, scales: Optional[tor
         raise ValueError(f"select_blocks: group_reduce: expected 'max' or 'softmax_sum', got "
                          f"{group_reduce!r}")
     if max_blocks is None:
-        max_blocks = default_max_blocks(page_table, layout) if page_table.dim() == 2 else 0
+        max_blocks = (default_max_blocks(page_table, layout, token_budget, sink_tokens,
+                                         local_tokens) if page_table.dim() == 2 else 0)
     elif (isinstance(max_blocks, bool) or not isinstance(max_blocks, numbers.Integral)
           or not 0 <= max_blocks < 2 ** 31):
         raise ValueError(f"select_blocks: max_blocks: expected an int in [0, 2^31), got "
@@ -198,18 +233,9 @@ def select_blocks(q: torch.Tensor, summaries: torch.Tensor, scales: Optional[tor
     return block_indices, block_counts
 
 
-def _attention_cuda(q, k_cache, page_table, block_sizes, block_indices) -> dict:
-    """Workspace and stream arguments of _C.decode_attention for CUDA tensors ({} otherwise)."""
-    if not _is_cuda(q):
-        return {}
-    nbytes = 0
-    sparse = block_sizes is not None
-    if (_dims(q, 3) and _dims(k_cache, 4) and _dims(page_table, 2)
-            and (not sparse or _dims(block_indices, 3))):
-        nbytes = _C.decode_attention_workspace_size(
-            q.shape[0], q.shape[1], k_cache.shape[2], q.shape[2], k_cache.shape[1],
-            page_table.shape[1], block_sizes, block_indices.shape[2] if sparse else 0)
-    return {"workspace": _cuda_workspace(nbytes, q.device), "stream": _cuda_stream(q)}
+def _attention_cuda(q) -> dict:
+    """The stream argument of _C.decode_attention for CUDA tensors ({} otherwise)."""
+    return {"stream": _cuda_stream(q)} if _is_cuda(q) else {}
 
 
 def _attention_out(q: torch.Tensor, out: Optional[torch.Tensor], return_lse: bool):
@@ -257,7 +283,7 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          f"LayerLayout, got {type(block_sizes).__name__}")
     scale = _default_scale(q, scale, "sparse_decode")
     out, lse = _attention_out(q, out, return_lse)
-    cuda = _attention_cuda(q, k_cache, page_table, block_sizes, block_indices)
+    cuda = _attention_cuda(q)
     _C.decode_attention(q, k_cache, v_cache, page_table, seq_lens, block_sizes, block_indices,
                         block_counts, scale, out, lse, **cuda)
     return (out, lse) if return_lse else out
@@ -282,7 +308,7 @@ def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     _tensor(q, "dense_decode", "q")
     scale = _default_scale(q, scale, "dense_decode")
     out, lse = _attention_out(q, out, return_lse)
-    cuda = _attention_cuda(q, k_cache, page_table, None, None)
+    cuda = _attention_cuda(q)
     _C.decode_attention(q, k_cache, v_cache, page_table, seq_lens, None, None, None, scale, out,
                         lse, **cuda)
     return (out, lse) if return_lse else out

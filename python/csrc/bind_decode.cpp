@@ -4,9 +4,11 @@
 //
 // CPU tensors run the reference, which validates values too (seq_lens, page table, block lists).
 // CUDA tensors (builds with ABSPARSE_WITH_CUDA) run the kernels of absparse/decode_cuda.h on the
-// given stream: the binding checks shapes, dtypes, devices and layouts only, since reading values
-// from device memory would synchronize; the kernels clamp or skip bad values instead (see
-// decode_cuda.h).
+// given stream: the binding checks shapes, dtypes, devices and layouts, then check_*_cuda runs
+// every other host-side check (the CPU path's, same messages, and the supported GPU
+// configurations) before anything touches the device (the device guard, the launch), so every
+// rejected input raises ValueError. Values in device memory are not read (that would
+// synchronize); the kernels clamp or skip bad ones instead (see decode_cuda.h).
 #include <pybind11/pybind11.h>
 
 #include <cmath>
@@ -165,7 +167,7 @@ SummaryCacheView summary_cache(const char* fn, const LayerLayout& layout, py::ha
 void update_centroids(py::handle k_cache_obj, py::handle page_table, py::handle seq_lens,
                       py::handle start_pos_obj, const LayerLayout& layout, py::handle summaries,
                       py::handle scales, py::handle channel_scale, py::handle channel_zero,
-                      [[maybe_unused]] uintptr_t stream) {
+                      int64_t max_new_tokens, [[maybe_unused]] uintptr_t stream) {
   const char* fn = "update_centroids";
   TensorView k = paged_cache_arg(fn, k_cache_obj, "k_cache");
   expect_size(k, 1, layout.page_size(), fn, "k_cache", "layout.page_size");
@@ -192,8 +194,12 @@ void update_centroids(py::handle k_cache_obj, py::handle page_table, py::handle 
   p.k_cache = paged_view(k);
   p.start_pos = static_cast<const int32_t*>(start_pos.data);
   p.start_pos_stride = start_pos.stride(0);
+  ABSPARSE_CHECK_ARG(max_new_tokens >= 0, fn, "max_new_tokens: expected >= 0 (0: unknown), got ",
+                     max_new_tokens);
+  p.max_new_tokens = max_new_tokens;
   if (cuda) {
 #ifdef ABSPARSE_WITH_CUDA
+    check_update_centroids_cuda(p);
     CudaDeviceGuard guard(k.device_index);
     p.stream = reinterpret_cast<void*>(stream);
     update_centroids_cuda(p);
@@ -234,6 +240,15 @@ void select_blocks(py::handle q_obj, py::handle summaries, py::handle scales,
   expect_dtype(counts, DType::kInt32, fn, "block_counts");
   ABSPARSE_CHECK_ARG(indices.size(2) <= INT32_MAX, fn, "max_blocks: expected <= 2^31-1, got ",
                      indices.size(2));
+  // The head dim of the query must be the summaries' (named as q's error, not the summaries').
+  TensorView s_view = tensor_arg(summaries, fn, "summaries");
+  if (s_view.ndim == 4) {
+    const int64_t width = summary_width(layout.format(), static_cast<int>(q.size(2)));
+    ABSPARSE_CHECK_ARG(s_view.size(3) == width, fn, "q.shape[2]: expected the head dim of the ",
+                       "summaries (summaries.shape[3] = ", s_view.size(3), " stored elements per ",
+                       "vector in format '", summary_format_name(layout.format()), "'), got ",
+                       q.size(2));
+  }
   SelectBlocksParams p;
   int64_t num_pages = 0;
   p.layout = &layout;
@@ -262,6 +277,7 @@ void select_blocks(py::handle q_obj, py::handle summaries, py::handle scales,
   p.block_counts_stride_head = counts.stride(1);
   if (cuda) {
 #ifdef ABSPARSE_WITH_CUDA
+    check_select_blocks_cuda(p);
     void* workspace = workspace_arg(workspace_obj, select_blocks_workspace_size(p), q, fn, "q");
     CudaDeviceGuard guard(q.device_index);
     p.stream = reinterpret_cast<void*>(stream);
@@ -276,7 +292,6 @@ void select_blocks(py::handle q_obj, py::handle summaries, py::handle scales,
 void decode_attention(py::handle q_obj, py::handle k_obj, py::handle v_obj, py::handle page_table,
                       py::handle seq_lens, py::handle block_sizes_obj, py::handle indices_obj,
                       py::handle counts_obj, double scale, py::handle out_obj, py::handle lse_obj,
-                      [[maybe_unused]] py::handle workspace_obj,
                       [[maybe_unused]] uintptr_t stream) {
   const bool sparse = !block_sizes_obj.is_none();
   const char* fn = sparse ? "sparse_decode" : "dense_decode";
@@ -370,10 +385,10 @@ void decode_attention(py::handle q_obj, py::handle k_obj, py::handle v_obj, py::
   }
   if (cuda) {
 #ifdef ABSPARSE_WITH_CUDA
-    void* workspace = workspace_arg(workspace_obj, decode_attention_workspace_size(p), q, fn, "q");
+    check_decode_attention_cuda(p);
     CudaDeviceGuard guard(q.device_index);
     p.stream = reinterpret_cast<void*>(stream);
-    decode_attention_cuda(p, workspace);
+    decode_attention_cuda(p);
 #endif
     return;
   }
@@ -404,39 +419,12 @@ size_t select_blocks_workspace_bytes(int64_t batch, int64_t num_q_heads, const L
 #endif
 }
 
-size_t decode_attention_workspace_bytes(int64_t batch, int64_t num_q_heads, int64_t num_kv_heads,
-                                        int64_t head_dim, int64_t page_size, int64_t max_pages,
-                                        py::handle block_sizes_obj, int64_t max_blocks) {
-#ifdef ABSPARSE_WITH_CUDA
-  const int64_t limit = INT32_MAX;
-  if (batch <= 0 || num_q_heads <= 0 || num_kv_heads <= 0 || head_dim <= 0 || page_size <= 0 ||
-      max_pages < 0 || max_blocks < 0 || batch > limit || num_q_heads > limit ||
-      num_kv_heads > limit || head_dim > limit || page_size > limit || max_pages > limit ||
-      max_blocks > limit) {
-    return 0;
-  }
-  DecodeAttentionParams p;
-  p.geometry.batch = static_cast<int32_t>(batch);
-  p.geometry.num_kv_heads = static_cast<int32_t>(num_kv_heads);
-  p.geometry.head_dim = static_cast<int32_t>(head_dim);
-  p.geometry.page_size = static_cast<int32_t>(page_size);
-  p.geometry.max_pages = static_cast<int32_t>(max_pages);
-  p.num_q_heads = static_cast<int32_t>(num_q_heads);
-  p.max_blocks = static_cast<int32_t>(max_blocks);
-  if (!block_sizes_obj.is_none()) {
-    TensorView bs = tensor_arg(block_sizes_obj, "sparse_decode", "block_sizes");
-    if (bs.is_cuda || bs.dtype != DType::kInt32 || bs.ndim != 1 || bs.size(0) != num_kv_heads ||
-        (num_kv_heads > 1 && bs.stride(0) != 1)) {
-      return 0;  // sparse_decode names the problem
-    }
-    p.block_sizes = static_cast<const int32_t*>(bs.data);
-  }
-  return decode_attention_workspace_size(p);
-#else
-  (void)batch, (void)num_q_heads, (void)num_kv_heads, (void)head_dim, (void)page_size;
-  (void)max_pages, (void)block_sizes_obj, (void)max_blocks;
-  return 0;
-#endif
+int64_t max_blocks_bound_of(const LayerLayout& layout, int64_t max_pages, int64_t budget_tokens,
+                            double budget_fraction, int64_t sink_tokens, int64_t local_tokens) {
+  ABSPARSE_CHECK_ARG(max_pages >= 0 && max_pages <= INT32_MAX, "max_blocks_bound",
+                     "max_pages: expected in [0, 2^31), got ", max_pages);
+  return max_blocks_bound(layout, static_cast<int32_t>(max_pages), budget_tokens, budget_fraction,
+                          sink_tokens, local_tokens);
 }
 
 }  // namespace
@@ -445,7 +433,7 @@ void register_decode(py::module_& m) {
   m.def("update_centroids", &update_centroids, py::arg("k_cache"), py::arg("page_table"),
         py::arg("seq_lens"), py::arg("start_pos"), py::arg("layout"), py::arg("summaries"),
         py::arg("scales"), py::arg("channel_scale"), py::arg("channel_zero"),
-        py::arg("stream") = 0);
+        py::arg("max_new_tokens") = 0, py::arg("stream") = 0);
   m.def("select_blocks", &select_blocks, py::arg("q"), py::arg("summaries"), py::arg("scales"),
         py::arg("page_table"), py::arg("seq_lens"), py::arg("layout"), py::arg("channel_scale"),
         py::arg("channel_zero"), py::arg("budget_tokens"), py::arg("budget_fraction"),
@@ -455,13 +443,12 @@ void register_decode(py::module_& m) {
   m.def("decode_attention", &decode_attention, py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("page_table"), py::arg("seq_lens"), py::arg("block_sizes"),
         py::arg("block_indices"), py::arg("block_counts"), py::arg("scale"), py::arg("out"),
-        py::arg("lse"), py::arg("workspace") = py::none(), py::arg("stream") = 0);
+        py::arg("lse"), py::arg("stream") = 0);
+  m.def("max_blocks_bound", &max_blocks_bound_of, py::arg("layout"), py::arg("max_pages"),
+        py::arg("budget_tokens"), py::arg("budget_fraction"), py::arg("sink_tokens"),
+        py::arg("local_tokens"));
   m.def("select_blocks_workspace_size", &select_blocks_workspace_bytes, py::arg("batch"),
         py::arg("num_q_heads"), py::arg("layout"), py::arg("max_pages"), py::arg("group_reduce"));
-  m.def("decode_attention_workspace_size", &decode_attention_workspace_bytes, py::arg("batch"),
-        py::arg("num_q_heads"), py::arg("num_kv_heads"), py::arg("head_dim"),
-        py::arg("page_size"), py::arg("max_pages"), py::arg("block_sizes"),
-        py::arg("max_blocks"));
 }
 
 }  // namespace absparse::py_binding

@@ -65,6 +65,10 @@ struct UpdateCentroidsParams {
   const int32_t* start_pos = nullptr;  // [B], 0 <= start_b <= L_b
   int64_t start_pos_stride = 0;
   SummaryCacheView summaries;
+  // Parallelism hint of the CUDA path: at most this many tokens are new per sequence
+  // (L_b - start_b), e.g. 1 for a decode step; 0 = unknown (a whole prefill). A wrong hint costs
+  // speed, never correctness. Unused on the CPU.
+  int64_t max_new_tokens = 0;
   void* stream = nullptr;  // cudaStream_t for the CUDA path; unused on the CPU
 };
 
@@ -138,6 +142,14 @@ void check_update_centroids(const UpdateCentroidsParams& p);
 void check_select_blocks(const SelectBlocksParams& p);
 void check_decode_attention(const DecodeAttentionParams& p);
 
+// The part of that validation that reads no tensor values (host fields, pointer presence, host
+// arrays such as block_sizes): what the CUDA entry points run before launching, with the same
+// messages. check_select_blocks_args does not check max_blocks against the lengths (that needs
+// seq_lens); the CUDA path checks it against max_blocks_bound instead.
+void check_update_centroids_args(const UpdateCentroidsParams& p);
+void check_select_blocks_args(const SelectBlocksParams& p);
+void check_decode_attention_args(const DecodeAttentionParams& p);
+
 // Selection arithmetic of docs/decode.md for one (sequence, head), shared by every implementation.
 struct SelectionPlan {
   int64_t num_blocks;       // n = L // bs complete blocks
@@ -149,6 +161,15 @@ struct SelectionPlan {
 };
 SelectionPlan plan_selection(int64_t seq_len, int32_t block_size, int64_t budget_tokens,
                              double budget_fraction, int64_t sink_tokens, int64_t local_tokens);
+
+// Largest block_counts[b, h] that any length the page table can hold (<= max_pages * P) produces
+// with this budget, windows and layout, without reading seq_lens: the maximum over heads of
+// min(max_pages * P / bs_h, max(ceil(sink / bs_h) + ceil(local / bs_h), floor(T / bs_h))), with T
+// the token budget or ceil(fraction * max_pages * P). (A count is sink + selected + local blocks,
+// at most T / bs_h once anything is ranked, else at most the kept blocks or all n <= L / bs_h.)
+// The default max_blocks of select_blocks, and the least capacity its CUDA path accepts.
+int64_t max_blocks_bound(const LayerLayout& layout, int32_t max_pages, int64_t budget_tokens,
+                         double budget_fraction, int64_t sink_tokens, int64_t local_tokens);
 
 // Smallest max_blocks capacity that select_blocks accepts for these lengths and budget.
 int64_t required_max_blocks(const LayerLayout& layout, const int32_t* seq_lens, int32_t batch,

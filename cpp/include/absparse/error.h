@@ -13,10 +13,18 @@ namespace absparse {
 
 class InvalidArgument : public std::invalid_argument {
  public:
+  // `file` is reduced to its base name: messages name the check, not the build machine's paths.
   InvalidArgument(const std::string& function, const std::string& message, const char* file,
                   int line)
-      : std::invalid_argument(function + ": " + message + " [" + file + ":" +
+      : std::invalid_argument(function + ": " + message + " [" + base_name(file) + ":" +
                               std::to_string(line) + "]") {}
+
+ private:
+  static std::string base_name(const char* path) {
+    const std::string p(path);
+    const size_t slash = p.find_last_of("/\\");
+    return slash == std::string::npos ? p : p.substr(slash + 1);
+  }
 };
 
 namespace detail {
