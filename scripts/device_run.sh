@@ -1,24 +1,31 @@
 #!/usr/bin/env bash
-# One run on the GPU machine (H100, CUDA 13, torch 2.x, Python 3.12, no internet): build absparse
-# with the CUDA kernels, run the GPU tests, compute-sanitizer memcheck on a small subset and
-# racecheck on one test. Logs go to $OUT (default build/device_out); a summary is printed last.
+# One run on the GPU machine (H200, CUDA 13, torch 2.x, Python 3.12, no internet): build absparse
+# with the CUDA kernels, then the steps named in STEPS, each logged under $OUT (default
+# build/device_out); a summary is printed last and written to $OUT/summary.txt.
 #
-#   bash scripts/device_run.sh            # ~3-8 minutes; steps are skipped when BUDGET_S runs out
+#   STEPS="quick sanitizer ncu bench" bash scripts/device_run.sh
 #
-# Steps, in priority order: env, build (pip, ABSPARSE_CUDA=ON, ptxas report), quick GPU tests,
-# memcheck (test_sanitizer_smoke + 4 small cases), racecheck (test_sanitizer_smoke), full tests.
-# Files in $OUT (8, the device tool's limit): summary.txt env.log build.log ptxas.txt
-# gpu_quick.log memcheck.log racecheck.log gpu_full.log.
+# Steps (in this order; skipped when fewer seconds than they need are left of BUDGET_S):
+#   quick      GPU tests, quick tier (tests/test_gpu.py, tests/test_cuda_validation.py)  tests.log
+#   sanitizer  compute-sanitizer memcheck (smoke + 4 small cases) and racecheck (smoke)   sanitizer.log
+#   ncu        Nsight Compute, --set full, one steady launch of each kernel at B8/128K    ncu.txt
+#   bench      bench/decode_bench.py (BENCH_ARGS, default --quick)     bench.log, decode_bench.json
+#   gbench     absparse_bench_gpu (google-benchmark), carried in build/gpubench   bench.log, bench_gpu.json
+#   full       GPU tests, full tier                                                       tests.log
+# The build log (with the ptxas register / spill report) is build.log: 8 files at most, the
+# device tool's limit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/build/device_out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-BUDGET_S=${BUDGET_S:-470}
+BUDGET_S=${BUDGET_S:-560}
+STEPS=${STEPS:-quick sanitizer bench}
 T0=$(date +%s)
 SUMMARY=()
 
 left() { echo $(( BUDGET_S - ($(date +%s) - T0) )); }
+want() { [[ " $STEPS " == *" $1 "* ]]; }
 
 # step NAME LOG MIN_SECONDS TIMEOUT COMMAND...: runs COMMAND (stdout+stderr to $OUT/LOG) unless
 # fewer than MIN_SECONDS of the budget are left; records rc and duration.
@@ -26,74 +33,92 @@ step() {
   local name=$1 log=$2 need=$3 limit=$4
   shift 4
   if [ "$(left)" -lt "$need" ]; then
-    SUMMARY+=("$(printf '%-12s SKIPPED (budget: %ss left)' "$name" "$(left)")")
+    SUMMARY+=("$(printf '%-10s SKIPPED (budget: %ss left)' "$name" "$(left)")")
     return 99
   fi
   local start rc
   start=$(date +%s)
+  [ "$limit" -gt "$(left)" ] && limit=$(left)
+  echo "== $name: $*" >>"$OUT/$log"
   timeout "$limit" "$@" >>"$OUT/$log" 2>&1
   rc=$?
-  SUMMARY+=("$(printf '%-12s rc=%-3s %4ss  %s' "$name" "$rc" "$(( $(date +%s) - start ))" "$log")")
+  SUMMARY+=("$(printf '%-10s rc=%-3s %4ss  %s' "$name" "$rc" "$(( $(date +%s) - start ))" "$log")")
   return $rc
 }
 
 finish() {
   {
-    echo "== absparse device run: $(date -u +%FT%TZ), $(( $(date +%s) - T0 ))s"
+    echo "== absparse device run: $(date -u +%FT%TZ), $(( $(date +%s) - T0 ))s, steps: $STEPS"
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
     printf '%s\n' "${SUMMARY[@]}"
-    for log in gpu_quick.log gpu_full.log; do
-      [ -f "$OUT/$log" ] &&
-        echo "$log: $(grep -E '(passed|failed|error|skipped)' "$OUT/$log" | tail -1)"
-    done
-    for log in memcheck.log racecheck.log; do
-      [ -f "$OUT/$log" ] &&
-        echo "$log: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$log" | tail -1)"
-    done
-    [ -f "$OUT/ptxas.txt" ] && echo "kernels with register spills:" \
-      "$(grep -cE ' [1-9][0-9]* bytes spill stores' "$OUT/ptxas.txt")"
+    [ -f "$OUT/tests.log" ] && grep -E '^[0-9]+ (passed|failed)|^=+ .*(passed|failed|error)' \
+      "$OUT/tests.log"
+    [ -f "$OUT/sanitizer.log" ] && grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer.log"
+    [ -f "$OUT/build.log" ] && echo "kernels with register spills:" \
+      "$(grep -cE ' [1-9][0-9]* bytes spill stores' "$OUT/build.log")"
+    [ -f "$OUT/bench.log" ] && sed -n '/^| B\/ctx/,/^times in us/p' "$OUT/bench.log"
   } | tee "$OUT/summary.txt"
 }
 trap finish EXIT
 
-{
-  nvidia-smi
-  nvcc --version
-  command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer
-  "$PY" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda',
-torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
-  "$PY" -m pip list 2>/dev/null |
-    grep -i -E "^(torch|pybind11|scikit.build.core|pytest|numpy|ninja|cmake) "
-} >"$OUT/env.log" 2>&1
-
 export ABSPARSE_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
 export CMAKE_ARGS="${CMAKE_ARGS:-} -DABSPARSE_PTXAS_VERBOSE=ON"
+{
+  "$PY" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda',
+torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
+  nvcc --version | tail -2
+} >"$OUT/build.log" 2>&1
 if ! step build build.log 60 400 "$PY" -m pip install --no-build-isolation --no-deps -v . ; then
   tail -40 "$OUT/build.log"
   exit 1
 fi
-grep -E "ptxas info *: (Compiling entry|Used)|bytes stack frame" "$OUT/build.log" \
-  | sed -E 's/^ +//' >"$OUT/ptxas.txt"
 step import build.log 10 60 "$PY" -c "import absparse, torch
 print(absparse.__version__, 'has_cuda', absparse._C.has_cuda, 'gpu', torch.cuda.is_available())
-assert absparse._C.has_cuda and torch.cuda.is_available()"
+assert absparse._C.has_cuda and torch.cuda.is_available()" || exit 1
 
 export PYTHONUNBUFFERED=1
-step gpu_quick gpu_quick.log 60 200 "$PY" -m pytest tests/test_gpu.py -q -ra -m "not full" \
-  -p no:cacheprovider --durations=10
+if want quick; then
+  step quick tests.log 60 240 "$PY" -m pytest tests/test_gpu.py tests/test_cuda_validation.py \
+    -q -ra -m "not full" -p no:cacheprovider --durations=10
+fi
 
-SAN=$(command -v compute-sanitizer ||
-      ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-# Without the caching allocator every tensor is its own allocation, so memcheck sees overruns.
-export PYTORCH_NO_CUDA_MEMORY_CACHING=1
-MEMCHECK_K="sanitizer_smoke or (test_attention_matches_cpu and s1000-)"
-MEMCHECK_K+=" or (test_select_blocks_matches_cpu and s1002-) or max-cuboid-int8c"
-MEMCHECK_K+=" or softmax_sum-minmax-int4]"
-step memcheck memcheck.log 60 150 "$SAN" --tool memcheck --error-exitcode 9 --print-limit 40 \
-  "$PY" -m pytest tests/test_gpu.py -q -x -p no:cacheprovider -k "$MEMCHECK_K"
-step racecheck racecheck.log 60 120 "$SAN" --tool racecheck --error-exitcode 9 --print-limit 40 \
-  "$PY" -m pytest tests/test_gpu.py -q -x -p no:cacheprovider -k sanitizer_smoke
-unset PYTORCH_NO_CUDA_MEMORY_CACHING
+if want sanitizer; then
+  SAN=$(command -v compute-sanitizer ||
+        ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  # Without the caching allocator every tensor is its own allocation, so memcheck sees overruns.
+  MEMCHECK_K="sanitizer_smoke or (test_attention_matches_cpu and s1000-)"
+  MEMCHECK_K+=" or (test_select_blocks_matches_cpu and s1002-) or max-cuboid-int8c"
+  MEMCHECK_K+=" or softmax_sum-minmax-int4]"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck sanitizer.log 60 150 "$SAN" --tool memcheck \
+    --error-exitcode 9 --print-limit 40 "$PY" -m pytest tests/test_gpu.py -q -x \
+    -p no:cacheprovider -k "$MEMCHECK_K"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step racecheck sanitizer.log 60 120 "$SAN" --tool racecheck \
+    --error-exitcode 9 --print-limit 40 "$PY" -m pytest tests/test_gpu.py -q -x \
+    -p no:cacheprovider -k sanitizer_smoke
+fi
 
-step gpu_full gpu_full.log 90 "$(( $(left) > 30 ? $(left) - 20 : 10 ))" "$PY" -m pytest \
-  tests/test_gpu.py -q -ra -m full -p no:cacheprovider -x --durations=5
+if want ncu; then
+  NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+  for kernel in select_kernel attention_kernel update_kernel; do
+    step "ncu-${kernel%%_*}" ncu.txt 40 120 "$NCU" --clock-control none --set full \
+      -k "regex:$kernel" -s 1 -c 1 --page details "$PY" bench/profile_step.py
+  done
+fi
+
+if want bench; then
+  step bench bench.log 60 300 "$PY" bench/decode_bench.py ${BENCH_ARGS:---quick} \
+    --json "$OUT/decode_bench.json"
+fi
+
+if want gbench; then
+  export LD_LIBRARY_PATH=$PWD/build/gpubench/lib:${LD_LIBRARY_PATH:-}
+  step gbench bench.log 40 240 build/gpubench/absparse_bench_gpu \
+    --benchmark_repetitions="${GBENCH_REPS:-5}" --benchmark_display_aggregates_only=true \
+    --benchmark_out="$OUT/bench_gpu.json" --benchmark_out_format=json ${GBENCH_ARGS:-}
+fi
+
+if want full; then
+  step full tests.log 90 "$(( $(left) > 30 ? $(left) - 20 : 10 ))" "$PY" -m pytest \
+    tests/test_gpu.py -q -ra -m full -p no:cacheprovider -x --durations=5
+fi
 exit 0
