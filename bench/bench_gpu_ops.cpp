@@ -65,7 +65,7 @@ struct DeviceBuffer {
     cudaFree(ptr);
     ptr = nullptr;
     count = n;
-    if (n) check(cudaMalloc(&ptr, n * sizeof(T)), "cudaMalloc");
+    if (n) check(cudaMalloc(reinterpret_cast<void**>(&ptr), n * sizeof(T)), "cudaMalloc");
   }
   void upload(const std::vector<T>& host) {
     check(cudaMemcpy(ptr, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice), "copy");
