@@ -79,7 +79,7 @@ assert absparse._C.has_cuda and torch.cuda.is_available()" || exit 1
 export PYTHONUNBUFFERED=1
 if want quick; then
   step quick tests.log 60 240 "$PY" -m pytest tests/test_gpu.py tests/test_cuda_validation.py \
-    -q -ra -m "not full" -p no:cacheprovider --durations=10
+    -q -ra -m "not full" -p no:cacheprovider --durations=10 ${PYTEST_ARGS:-}
 fi
 
 if want ncu; then

@@ -69,6 +69,14 @@ __host__ __device__ inline int64_t clamp64(int64_t x, int64_t lo, int64_t hi) {
   return x < lo ? lo : (x > hi ? hi : x);
 }
 
+// Multiprocessors of the current device (the launchers size their grids by it).
+inline int multiprocessor_count() {
+  int device = 0, count = 0;
+  ABSPARSE_CUDA_CHECK(cudaGetDevice(&device));
+  ABSPARSE_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
 inline int log2_exact(int64_t x) {
   int l = 0;
   while ((int64_t{1} << l) < x) ++l;

@@ -14,15 +14,17 @@
 //     shared memory, all entries in parallel); ranges of more than kMaxEntries entries run in
 //     segments;
 //   - K and V tiles of 64 rows stream into shared memory with 16-byte cp.async (zero-filled for
-//     masked rows), `stages` buffers deep, one barrier per tile;
+//     masked rows), `stages` buffers deep, one barrier per tile; the row addresses of a tile are
+//     computed once (64 threads, from the resolved entries) a tile ahead of its copies;
 //   - each warp owns 16 positions of a tile for both products, with its own online softmax (no
 //     cross-warp reduction per tile), operands swapped so that positions are the MMA's M and the
 //     group's heads its N (8 per n-tile, kNT = ceil(G / 8)): S^T = K Q^T, O^T += V^T P^T, with P
 //     split into a high and a low 16-bit part (P = hi + lo to ~2^-16) so P V keeps float32
 //     accuracy;
-//   - merge: every warp leaves (m, l, O) in shared memory, and after a cluster barrier each CTA
-//     combines all S x 4 partials of a share of the outputs, reading the other CTAs' shared memory
-//     (distributed shared memory) in a fixed order: deterministic, no workspace, no second launch.
+//   - merge: the 4 warps' (m, l, O) combine in shared memory into the CTA's partial; after a
+//     cluster barrier each CTA combines the S partials for a share of the outputs, reading the
+//     other CTAs' shared memory (distributed shared memory) in rank order: deterministic, no
+//     workspace, no second launch.
 #include <cooperative_groups.h>
 
 #include <atomic>
@@ -38,10 +40,12 @@ namespace cg = cooperative_groups;
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kTileRows = 16 * kWarps;   // positions per tile: 16 per warp
-constexpr int kPad = 8;                  // row padding in elements (16 bytes): conflict-free ldmatrix
-constexpr int kMaxEntries = 256;         // entries resolved per segment
+constexpr int kPad = 8;                  // q / P row padding in elements (16 bytes): conflict-free
+constexpr int kMaxEntries = 128;         // entries resolved per segment
+constexpr int kOffsetSlots = 4;          // tiles whose row offsets are held (stages <= 3, + 1)
 constexpr int kMaxClusterSplits = 16;
 constexpr int64_t kSplitTargetPositions = 128;  // S = ceil(capacity positions / this), capped
+constexpr int64_t kSplitGranule = 16;           // a CTA's positions: a multiple of one warp's rows
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr size_t kSmemLimit = 227 * 1024;
@@ -95,33 +99,46 @@ __device__ inline AttendSet attend_set(const AttnArgs& a, int b, int h) {
   return s;
 }
 
-// Shared memory of one CTA (T = element type, kG = 8 kNT padded heads).
+// Shared memory of one CTA (T = element type, kG = 8 kNT padded heads). K and V tiles are
+// [kTileRows][D] with the 16-byte chunks of a row XOR-swizzled by (row & 7): the 8 rows an
+// ldmatrix reads at one logical chunk hit 8 different bank groups, with no padding (which keeps
+// 3 stages of 64-row tiles for D = 128 under 113 KB: 2 CTAs per multiprocessor).
 template <typename T, int D, int kNT>
 struct AttnLayout {
   static constexpr int kG = 8 * kNT;
-  static constexpr int kStride = D + kPad;
+  static constexpr int kQStride = D + kPad;
   static constexpr int kPStride = 16 + kPad;
-  static constexpr size_t kTileBytes = sizeof(T) * kTileRows * kStride;  // one K or V tile
+  static constexpr size_t kTileBytes = sizeof(T) * kTileRows * D;  // one K or V tile
   struct Fixed {
-    T q[kG][kStride];
-    T p[kWarps][kNT][2][8][kPStride];  // per warp: P (hi, lo) [head][position]
-    int64_t k_base[kMaxEntries];       // element offset of an entry's first K row; -1: masked
+    T q[kG][kQStride];
+    T p[kWarps][kNT][2][8][kPStride];      // per warp: P (hi, lo) [head][position]
+    int64_t k_base[kMaxEntries];           // element offset of an entry's first K row; -1: masked
     int64_t v_base[kMaxEntries];
+    int64_t row_k[kOffsetSlots][kTileRows];  // per tile: element offset of each row; -1: masked
+    int64_t row_v[kOffsetSlots][kTileRows];
   };
-  // Merge area (reuses the tile buffers once the pipeline has drained).
+  // Merge area (reuses the tile buffers once the pipeline has drained): the 4 warps' partials,
+  // then the CTA's partial that the other CTAs of the cluster read.
   struct Merge {
     float m[kWarps][kG];
     float l[kWarps][kG];
     int valid[kWarps];
-    float weight[kMaxClusterSplits][kWarps][kG];  // exp2(m - M) of every partial of the cluster
-    float inv[kG];                                // 1 / sum of the weighted l; 0: nothing attended
     float o[kWarps][kG][D];
+    float cta_m[kG], cta_l[kG];
+    int cta_valid;
+    float cta_o[kG][D];
   };
   static size_t bytes(int stages) {
     const size_t tiles = 2 * kTileBytes * stages;
     return sizeof(Fixed) + (tiles > sizeof(Merge) ? tiles : sizeof(Merge));
   }
 };
+
+// Element offset of (row, col) in a swizzled tile; col is a multiple of 8 (one 16-byte chunk).
+template <int D>
+__device__ inline int swz(int row, int col) {
+  return row * D + ((((col >> 3) ^ row) & 7) | ((col >> 3) & ~7)) * 8;
+}
 
 template <typename T, int D, int kNT>
 __global__ void __launch_bounds__(kThreads)
@@ -130,48 +147,36 @@ __global__ void __launch_bounds__(kThreads)
   using Fixed = typename L::Fixed;
   using Merge = typename L::Merge;
   constexpr int kG = L::kG;
-  constexpr int kStride = L::kStride;
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Fixed& fx = *reinterpret_cast<Fixed*>(smem_raw);
   unsigned char* tiles = smem_raw + sizeof(Fixed);
   Merge& mg = *reinterpret_cast<Merge*>(tiles);
   const int stages = a.stages;
-  auto k_tile = [&](int stage) {
-    return reinterpret_cast<T(*)[kStride]>(tiles + (2 * stage) * L::kTileBytes);
-  };
+  auto k_tile = [&](int stage) { return reinterpret_cast<T*>(tiles + (2 * stage) * L::kTileBytes); };
   auto v_tile = [&](int stage) {
-    return reinterpret_cast<T(*)[kStride]>(tiles + (2 * stage + 1) * L::kTileBytes);
+    return reinterpret_cast<T*>(tiles + (2 * stage + 1) * L::kTileBytes);
   };
 
   cg::cluster_group cluster = cg::this_cluster();
   const int split = static_cast<int>(cluster.block_rank());
+  const int S = a.num_splits;
   const int h = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int gid = lane >> 2, tq = lane & 3;
   const int group = a.group;
 
-  // Queries of the group, rows padded with zeros to kG.
+  // Queries of the group, rows padded with zeros to kG (q rows may have any alignment).
   const T* q = static_cast<const T*>(a.q) + b * a.q_stride_batch +
                static_cast<int64_t>(h) * group * a.q_stride_head;
-  for (int i = tid; i < kG * kChunks; i += kThreads) {
-    const int row = i / kChunks, c = i % kChunks;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (row < group) {
-      const T* src = q + row * a.q_stride_head + c * 8;
-      // q rows need not be 16-byte aligned (any strides): copy element-wise.
-      uint16_t e[8];
-#pragma unroll
-      for (int x = 0; x < 8; ++x) e[x] = bits16(src[x]);
-      v = make_uint4(pack_bits(e[0], e[1]), pack_bits(e[2], e[3]), pack_bits(e[4], e[5]),
-                     pack_bits(e[6], e[7]));
-    }
-    *reinterpret_cast<uint4*>(&fx.q[row][c * 8]) = v;
+  for (int i = tid; i < kG * D; i += kThreads) {
+    const int row = i / D, d = i % D;
+    fx.q[row][d] = row < group ? q[row * a.q_stride_head + d] : from_float<T>(0.0f);
   }
 
   const AttendSet set = attend_set(a, b, h);
-  const int64_t per = max64(ceil_div(ceil_div(set.total, a.num_splits), kTileRows) * kTileRows,
-                            kTileRows);
+  const int64_t per =
+      max64(ceil_div(ceil_div(set.total, S), kSplitGranule) * kSplitGranule, kSplitGranule);
   const int64_t begin = min64(static_cast<int64_t>(split) * per, set.total);
   const int64_t end = min64(begin + per, set.total);
   const int32_t* pages = a.page_table + b * a.page_table_stride_batch;
@@ -196,10 +201,9 @@ __global__ void __launch_bounds__(kThreads)
   int valid_rows = 0;  // positions of this warp that were attended (not masked)
 
   // Segments of at most kMaxEntries entries: [seg_begin, seg_end) positions.
-  const int64_t entries_per_segment = kMaxEntries;
   for (int64_t seg_begin = begin; seg_begin < end;) {
     const int64_t e0 = seg_begin >> log2_bs;
-    const int64_t seg_end = min64(end, (e0 + entries_per_segment) << log2_bs);
+    const int64_t seg_end = min64(end, (e0 + kMaxEntries) << log2_bs);
     const int64_t e1 = ceil_div(seg_end, int64_t{1} << log2_bs);
     __syncthreads();  // the previous segment's entries and tiles are no longer read
     for (int64_t e = e0 + tid; e < e1; e += kThreads) {
@@ -228,56 +232,63 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
 
-    // Row `pos` of the segment: its K / V element offsets (-1 when masked).
-    auto row_offsets = [&](int64_t pos, int64_t& ko, int64_t& vo) {
-      ko = vo = -1;
-      if (pos < seg_end) {
-        const int64_t e = (pos >> log2_bs) - e0;
-        const int64_t kb = fx.k_base[e];
-        if (kb >= 0) {
-          const int64_t off = pos & block_mask;
-          ko = kb + off * a.k_stride_token;
-          vo = fx.v_base[e] + off * a.v_stride_token;
+    const int64_t num_tiles = ceil_div(seg_end - seg_begin, kTileRows);
+    // Threads 0..63: the K / V row offsets of tile `tile` into offset slot tile % kOffsetSlots.
+    auto offsets = [&](int64_t tile) {
+      if (tid < kTileRows && tile < num_tiles) {
+        const int64_t pos = seg_begin + tile * kTileRows + tid;
+        int64_t ko = -1, vo = -1;
+        if (pos < seg_end) {
+          const int64_t e = (pos >> log2_bs) - e0;
+          const int64_t kb = fx.k_base[e];
+          if (kb >= 0) {
+            const int64_t off = pos & block_mask;
+            ko = kb + off * a.k_stride_token;
+            vo = fx.v_base[e] + off * a.v_stride_token;
+          }
         }
+        fx.row_k[tile % kOffsetSlots][tid] = ko;
+        fx.row_v[tile % kOffsetSlots][tid] = vo;
       }
     };
-    const int64_t num_tiles = ceil_div(seg_end - seg_begin, kTileRows);
+    // All threads: cp.async of a tile's K and V rows (thread -> row tid / 2, 8 chunks).
     auto issue = [&](int64_t tile, int stage) {
-      T(*kt)[kStride] = k_tile(stage);
-      T(*vt)[kStride] = v_tile(stage);
+      T* kt = k_tile(stage);
+      T* vt = v_tile(stage);
+      const int slot = static_cast<int>(tile % kOffsetSlots);
 #pragma unroll
       for (int it = 0; it < kTileRows * kChunks / kThreads; ++it) {
         const int i = tid + it * kThreads;
         const int row = i / kChunks, c = i % kChunks;
-        int64_t ko, vo;
-        row_offsets(seg_begin + tile * kTileRows + row, ko, vo);
-        cp_async_16(&kt[row][c * 8], kbase + (ko >= 0 ? ko + c * 8 : 0), ko >= 0);
-        cp_async_16(&vt[row][c * 8], vbase + (vo >= 0 ? vo + c * 8 : 0), vo >= 0);
+        const int64_t ko = fx.row_k[slot][row], vo = fx.row_v[slot][row];
+        cp_async_16(kt + swz<D>(row, c * 8), kbase + (ko >= 0 ? ko + c * 8 : 0), ko >= 0);
+        cp_async_16(vt + swz<D>(row, c * 8), vbase + (vo >= 0 ? vo + c * 8 : 0), vo >= 0);
       }
     };
-    for (int s = 0; s < stages - 1; ++s) {
-      if (s < num_tiles) issue(s, s);
+    for (int t = 0; t < stages - 1; ++t) offsets(t);
+    __syncthreads();
+    for (int t = 0; t < stages - 1; ++t) {
+      if (t < num_tiles) issue(t, t);
       cp_async_commit();
     }
+    offsets(stages - 1);
 
     for (int64_t t = 0; t < num_tiles; ++t) {
       const int stage = static_cast<int>(t % stages);
       cp_async_wait(stages - 2);  // tile t has landed (this thread's copies)
-      __syncthreads();            // everyone's copies; everyone is done with tile t - 1
+      __syncthreads();  // everyone's copies and offsets; everyone is done with tile t - 1
       if (t + stages - 1 < num_tiles) {
         issue(t + stages - 1, static_cast<int>((t + stages - 1) % stages));
       }
       cp_async_commit();
+      offsets(t + stages);  // slot (t + stages) % 4: not the slots of tiles t .. t + stages - 1
 
-      T(*kt)[kStride] = k_tile(stage);
-      T(*vt)[kStride] = v_tile(stage);
+      const T* kt = k_tile(stage);
+      const T* vt = v_tile(stage);
       const int r0 = 16 * warp;  // this warp's rows of the tile
-      const int64_t pos0 = seg_begin + t * kTileRows + r0;
-      int64_t ko, vo;
-      row_offsets(pos0 + gid, ko, vo);
-      const bool ok_lo = ko >= 0;
-      row_offsets(pos0 + gid + 8, ko, vo);
-      const bool ok_hi = ko >= 0;
+      const int slot = static_cast<int>(t % kOffsetSlots);
+      const bool ok_lo = fx.row_k[slot][r0 + gid] >= 0;
+      const bool ok_hi = fx.row_k[slot][r0 + gid + 8] >= 0;
       valid_rows += __popc(__ballot_sync(kFullMask, ok_lo && tq == 0)) +
                     __popc(__ballot_sync(kFullMask, ok_hi && tq == 0));
       if (!__any_sync(kFullMask, ok_lo || ok_hi)) continue;  // nothing of this warp's rows
@@ -289,8 +300,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int kk = 0; kk < D / 16; kk += 2) {
         uint32_t ka[4], kb2[4];
-        ldmatrix_x4(ka, &kt[r0 + (lane & 15)][kk * 16 + (lane >> 4) * 8]);
-        ldmatrix_x4(kb2, &kt[r0 + (lane & 15)][(kk + 1) * 16 + (lane >> 4) * 8]);
+        const int row = r0 + (lane & 15);
+        ldmatrix_x4(ka, kt + swz<D>(row, kk * 16 + (lane >> 4) * 8));
+        ldmatrix_x4(kb2, kt + swz<D>(row, (kk + 1) * 16 + (lane >> 4) * 8));
 #pragma unroll
         for (int nt = 0; nt < kNT; ++nt) {
           uint32_t qb[4];  // b0b1, b2b3 of k-steps kk and kk + 1
@@ -352,8 +364,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int mt = 0; mt < D / 16; ++mt) {
           uint32_t va[4];
-          ldmatrix_x4_trans(va, &vt[r0 + (lane & 7) + ((lane >> 4) << 3)]
-                                   [mt * 16 + ((lane >> 3) & 1) * 8]);
+          ldmatrix_x4_trans(va, vt + swz<D>(r0 + (lane & 7) + ((lane >> 4) << 3),
+                                            mt * 16 + ((lane >> 3) & 1) * 8));
           mma_16816<T>(o[nt][mt], va, pb[0], pb[1]);
           mma_16816<T>(o[nt][mt], va, pb[2], pb[3]);
         }
@@ -365,7 +377,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();  // the tile buffers become the merge area
 
-  // This warp's partial: l summed over its positions (fixed butterfly), (m, l, O) to shared.
+  // 1. Each warp's partial (m, l summed over its positions with a fixed butterfly, O) to shared.
 #pragma unroll
   for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
@@ -389,53 +401,69 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   if (lane == 0) mg.valid[warp] = valid_rows;
-  cluster.sync();  // every CTA's partials are written and visible to the cluster
+  __syncthreads();
 
-  // Weights of all S x 4 partials per head, in a fixed order (split, warp): each CTA computes
-  // them for itself from the cluster's (m, l).
-  const int S = a.num_splits;
-  for (int i = tid; i < group; i += kThreads) {
+  // 2. The CTA's partial: the 4 warps combined in order (local shared memory).
+  for (int idx = tid; idx < group * D; idx += kThreads) {
+    const int i = idx / D, ch = idx % D;
     float peak = -INFINITY;
-    for (int r = 0; r < S; ++r) {
-      const Merge& other = *cluster.map_shared_rank(&mg, r);
-      for (int w = 0; w < kWarps; ++w) peak = fmaxf(peak, other.m[w][i]);
-    }
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) peak = fmaxf(peak, mg.m[w][i]);
     const float m_use = peak == -INFINITY ? 0.0f : peak;
-    float total = 0.0f;
-    int valid = 0;
-    for (int r = 0; r < S; ++r) {
-      const Merge& other = *cluster.map_shared_rank(&mg, r);
-      for (int w = 0; w < kWarps; ++w) {
-        const float wgt = exp2f(other.m[w][i] - m_use);
-        mg.weight[r][w][i] = wgt;
-        total += other.l[w][i] * wgt;
-        valid += other.valid[w];
-      }
+    float acc = 0.0f, l = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float wgt = exp2f(mg.m[w][i] - m_use);
+      acc += wgt * mg.o[w][i][ch];
+      l += wgt * mg.l[w][i];
     }
-    if (split == 0 && a.lse != nullptr) {
-      const int64_t qh = static_cast<int64_t>(h) * group + i;
-      a.lse[b * a.lse_stride_batch + qh * a.lse_stride_head] =
-          valid == 0 ? -INFINITY : (total == 0.0f ? NAN : (m_use + log2f(total)) * kLn2);
+    mg.cta_o[i][ch] = acc;
+    if (ch == 0) {
+      mg.cta_m[i] = peak;
+      mg.cta_l[i] = l;
     }
-    // Nothing attended (empty set, or every row masked): out 0. Every weight 0 with attended rows
-    // (all logits -inf): 1 / 0, so out = 0 * inf = NaN, as on the CPU.
-    mg.inv[i] = valid == 0 ? 0.0f : 1.0f / total;
   }
-  cluster.sync();  // weights ready; from here on only o[] of other CTAs is read
+  if (tid == 0) mg.cta_valid = mg.valid[0] + mg.valid[1] + mg.valid[2] + mg.valid[3];
+  cluster.sync();  // every CTA's partial is written and visible to the cluster
+
+  // 3. The cluster's result: CTA `split` combines the S partials (other CTAs' shared memory,
+  //    read in rank order, the loads of one output issued together) for its share of outputs.
   T* out = static_cast<T*>(a.out) + b * a.out_stride_batch;
   for (int idx = split * kThreads + tid; idx < group * D; idx += S * kThreads) {
     const int i = idx / D, ch = idx % D;
-    float acc = 0.0f;
-    for (int r = 0; r < S; ++r) {
-      const Merge& other = *cluster.map_shared_rank(&mg, r);
-      for (int w = 0; w < kWarps; ++w) {
-        const float wgt = mg.weight[r][w][i];
-        if (wgt != 0.0f) acc += wgt * other.o[w][i][ch];
+    float m[kMaxClusterSplits], l[kMaxClusterSplits], part[kMaxClusterSplits];
+    int valid = 0;
+#pragma unroll
+    for (int r = 0; r < kMaxClusterSplits; ++r) {
+      m[r] = -INFINITY;
+      l[r] = part[r] = 0.0f;
+      if (r < S) {
+        const Merge* other = cluster.map_shared_rank(&mg, r);
+        m[r] = other->cta_m[i];
+        l[r] = other->cta_l[i];
+        part[r] = other->cta_o[i][ch];
+        valid += other->cta_valid;
       }
     }
-    const float inv = mg.inv[i];
+    float peak = -INFINITY;
+#pragma unroll
+    for (int r = 0; r < kMaxClusterSplits; ++r) peak = fmaxf(peak, m[r]);
+    const float m_use = peak == -INFINITY ? 0.0f : peak;
+    float acc = 0.0f, total = 0.0f;
+#pragma unroll
+    for (int r = 0; r < kMaxClusterSplits; ++r) {
+      const float wgt = exp2f(m[r] - m_use);  // 0 for r >= S and for empty partials
+      acc += wgt * part[r];
+      total += wgt * l[r];
+    }
+    // Nothing attended (empty set, or every row masked): out 0, lse -inf. Attended rows but
+    // every weight 0 (all logits -inf): 0 / 0 = NaN, as on the CPU.
     const int64_t qh = static_cast<int64_t>(h) * group + i;
-    out[qh * a.out_stride_head + ch] = from_float<T>(inv == 0.0f ? 0.0f : acc * inv);
+    out[qh * a.out_stride_head + ch] = from_float<T>(valid == 0 ? 0.0f : acc / total);
+    if (ch == 0 && a.lse != nullptr) {
+      a.lse[b * a.lse_stride_batch + qh * a.lse_stride_head] =
+          valid == 0 ? -INFINITY : (total == 0.0f ? NAN : (m_use + log2f(total)) * kLn2);
+    }
   }
   cluster.sync();  // no CTA leaves while another still reads its shared memory
 }
@@ -471,8 +499,10 @@ int64_t most_positions(const DecodeAttentionParams& p) {
 
 // The launch plan: cluster size S and pipeline depth. Worked example (Llama-3.1-8B heads, D 128,
 // bf16): a 2048-token budget with 8-token blocks (max_blocks 256, C = 2055) gives S = 16 CTAs of
-// at most 192 positions (3 tiles), 2 stages (2 CTAs per SM); dense over a 128K page table gives
-// S = 16 CTAs of 8192 positions, 4 stages (~140 KB of shared memory, 3 tiles in flight).
+// at most 144 positions (3 tiles, the last partial), 2 stages (~75 KB of shared memory); dense over
+// a 128K page table gives S = 16 CTAs of 8192 positions, 3 stages (~108 KB: 2 CTAs per
+// multiprocessor, so 16-CTA clusters still fit twice in a GPC). The sequence's own length decides
+// at run time how many of the S CTAs have positions.
 struct AttnPlan {
   int splits, stages;
   size_t smem;
@@ -491,7 +521,7 @@ AttnPlan plan_attention(const DecodeAttentionParams& p) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(kMaxClusterSplits, 1, 1);
     cfg.blockDim = dim3(kThreads, 1, 1);
-    cfg.dynamicSmemBytes = L::bytes(4) <= kSmemLimit ? L::bytes(4) : L::bytes(2);
+    cfg.dynamicSmemBytes = L::bytes(3) <= kSmemLimit ? L::bytes(3) : L::bytes(2);
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeClusterDimension;
     attr[0].val.clusterDim.x = kMaxClusterSplits;
@@ -506,8 +536,8 @@ AttnPlan plan_attention(const DecodeAttentionParams& p) {
   }
   AttnPlan plan;
   plan.splits = static_cast<int>(clamp64(ceil_div(most, kSplitTargetPositions), 1, cap));
-  const int64_t per = ceil_div(ceil_div(most, plan.splits), kTileRows) * kTileRows;
-  plan.stages = per > 4 * kTileRows ? 4 : 2;
+  const int64_t per = ceil_div(ceil_div(most, plan.splits), kSplitGranule) * kSplitGranule;
+  plan.stages = per > 3 * kTileRows ? 3 : 2;
   while (plan.stages > 2 && L::bytes(plan.stages) > kSmemLimit) --plan.stages;
   plan.smem = L::bytes(plan.stages);
   return plan;

@@ -2,12 +2,13 @@
 // of its arrival counters) on the caller's stream.
 //
 // Grid (X, B), 256 threads. X enumerates (KV head h, chunk c): head h owns the CTAs
-// [chunk_begin[h], chunk_begin[h+1]), enough chunks of kChunkBlocks candidate blocks for the
+// [chunk_begin[h], chunk_begin[h+1]), enough chunks of chunk_blocks candidate blocks for the
 // longest sequence the page table can hold (capacity / bs_h), so heads with small blocks get more
 // CTAs and mixed block sizes stay balanced. CTA (h, c) of sequence b:
 //   1. recomputes the plan of (b, h) from seq_lens (device_plan, the CPU's arithmetic); when
 //      nothing is ranked (k = 0 or k = all candidates) only chunk 0 runs, writing the list;
-//   2. scores candidate blocks [sink + c NB, sink + (c+1) NB) and writes one uint32 key per block
+//   2. scores candidate blocks [sink + c NB, sink + (c+1) NB) (NB = chunk_blocks, in passes of
+//      256 blocks that reuse the query side built once) and writes one uint32 key per block
 //      (group_reduce max: an order-preserving key of the max over the group of the block logits,
 //      NaN -> -inf) or the G float logits (softmax_sum) to the workspace;
 //   3. signals arrival on the (b, h) counter (fence + atomic, like a split-K semaphore); the last
@@ -44,11 +45,11 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kTilesPerWarp = 2;                               // m-tiles of 16 blocks per warp
-constexpr int kChunkBlocks = 16 * kTilesPerWarp * kWarps;      // 256 candidate blocks per CTA
+constexpr int kSubChunk = 16 * kTilesPerWarp * kWarps;  // 256 candidate blocks per scoring pass
 constexpr int kMaxNTiles = 2 * kCudaMaxGroup / 8;              // n-tiles of 8 columns: 2G <= 32
 constexpr int kDigitBits = 11;
 constexpr int kBins = 1 << kDigitBits;
-constexpr int kKeyCache = 8192;  // candidates whose keys the selecting CTA keeps in shared memory
+constexpr int kKeyCache = 16384;  // candidates whose keys the selecting CTA keeps in shared memory
 constexpr int kGenericStageBytes = 32 * 1024;
 
 struct SelectArgs {
@@ -88,6 +89,7 @@ struct SelectArgs {
   int32_t max_blocks;
   int32_t* block_counts;
   int64_t bc_stride_batch, bc_stride_head;
+  int chunk_blocks;    // candidate blocks per CTA, a multiple of kSubChunk
   int num_chunk_ctas;  // chunk_begin[Hk]
   int32_t chunk_begin[kCudaMaxKvHeads + 1];
   uint8_t log2_block[kCudaMaxKvHeads];
@@ -199,8 +201,75 @@ struct MmaScorer {
     float post[kCudaMaxGroup];                     // 2^e undoing the fp16 operand scaling
   };
 
-  // Scores candidate blocks [j0, j0 + nb) of (b, h); writes keys or logits to the workspace.
-  __device__ static void score(const SelectArgs& a, int b, int h, int64_t j0, int nb,
+  // The query side in shared memory: X (q+ c, q- c or q c) in float32, q . zero and the fp16
+  // scaling per head, then the B fragments. Ends with a barrier.
+  __device__ static void prepare(const SelectArgs& a, int b, int h, Smem& s) {
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int group = a.group;
+    const bool box = a.num_vectors == 2;
+    const int ntiles = (2 * group + 7) / 8;
+    const SummaryFormat format = static_cast<SummaryFormat>(a.format);
+    const bool a_bf16 = kBits == 4 || (kBits == 16 && format == SummaryFormat::kBf16);
+    const int64_t q_at = b * a.q_stride_batch + static_cast<int64_t>(h) * group * a.q_stride_head;
+    const float* cscale = a.channel_scale ? a.channel_scale + h * a.channel_stride_head : nullptr;
+    const float* czero = a.channel_zero ? a.channel_zero + h * a.channel_stride_head : nullptr;
+    for (int i = warp; i < group; i += kWarps) {
+      float qz = 0.0f, amax = 0.0f;
+      for (int c = lane; c < D; c += 32) {
+        const float q = load_half_as_float(a.q, q_at + i * a.q_stride_head + c, a.q_bf16);
+        const float cs = cscale ? cscale[c] : 1.0f;
+        if (czero) qz = fmaf(q, czero[c], qz);
+        // q+ and q- keep a NaN (it must make the logit NaN); the mean kind uses q in [0].
+        const float pos = box ? (q < 0.0f ? 0.0f : q) * cs : q * cs;
+        const float neg = (q > 0.0f ? 0.0f : q) * cs;
+        s.x[i][0][c] = pos;
+        s.x[i][1][c] = neg;
+        amax = fmaxf(amax, fmaxf(fabsf(pos), fabsf(neg)));
+      }
+      qz = warp_sum(qz);
+      amax = warp_max(amax);
+      if (lane == 0) {
+        s.qz[i] = qz;
+        int e = 0;  // fp16 operands: X / 2^e with |X / 2^e| < 1
+        if (!a_bf16 && amax > 0.0f && isfinite(amax)) frexpf(amax, &e);
+        s.post[i] = ldexpf(1.0f, e);
+      }
+    }
+    __syncthreads();
+
+    // B fragments: column n = 2 head + part (part 0: the high, 1: the low 16-bit part of X).
+    const int total_steps = a.num_vectors * kStepsPerVector;
+    for (int idx = tid; idx < total_steps * ntiles * 32; idx += kThreads) {
+      const int ln = idx & 31, nt = (idx >> 5) % ntiles, step = idx / (32 * ntiles);
+      const int r = step / kStepsPerVector, sv = step % kStepsPerVector;
+      const int c = sv / kStepsPerChunk, j = sv % kStepsPerChunk;
+      const int col = nt * 8 + (ln >> 2), head = col >> 1, part = col & 1;
+      int ch[4];
+      step_channels((c * 4 + (ln & 3)) * kThreadBytes * 8 / kBits, j, ch);
+      uint16_t v[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = head < group ? s.x[head][r][ch[e]] : 0.0f;
+        if (a_bf16) {
+          const __nv_bfloat16 hi = __float2bfloat16_rn(x);
+          v[e] = part == 0 ? __bfloat16_as_ushort(hi)
+                           : __bfloat16_as_ushort(__float2bfloat16_rn(x - __bfloat162float(hi)));
+        } else {
+          if (head < group) x /= s.post[head];  // exact: a power of two
+          const __half hi = __float2half_rn(x);
+          v[e] = part == 0 ? __half_as_ushort(hi)
+                           : __half_as_ushort(__float2half_rn(x - __half2float(hi)));
+        }
+      }
+      s.b[step][nt][ln] = make_uint2(pack_bits(v[0], v[1]), pack_bits(v[2], v[3]));
+    }
+    __syncthreads();
+  }
+
+  // Scores candidate blocks [j0, j0 + nb) of (b, h) (nb <= kSubChunk); writes keys or logits to
+  // the workspace. `first`: the CTA's first sub-chunk, which builds the query side in shared
+  // memory (later ones reuse it).
+  __device__ static void score(const SelectArgs& a, int b, int h, int64_t j0, int nb, bool first,
                                unsigned char* smem_raw) {
     Smem& s = *reinterpret_cast<Smem*>(smem_raw);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -213,7 +282,7 @@ struct MmaScorer {
     const bool a_bf16 = kBits == 4 || (kBits == 16 && format == SummaryFormat::kBf16);
     const bool is_signed = format == SummaryFormat::kInt8 || format == SummaryFormat::kInt4;
 
-    // 1. Issue the summary loads first, so that their latency overlaps the query set-up below.
+    // 1. Issue the summary loads first, so that their latency overlaps the query set-up.
     //    This warp's m-tiles t hold blocks j0 + 16 (kTilesPerWarp warp + t) + {gid, gid + 8}.
     const int32_t* pages = a.page_table + b * a.page_table_stride_batch;
     int64_t row_at[kTilesPerWarp][2];
@@ -252,63 +321,9 @@ struct MmaScorer {
 #pragma unroll
     for (int i = 0; i < kDepth && i < kLoads; ++i) load(i, ring[i]);
 
-    // 2. The group's columns X in float32 and q . zero, one warp per head.
-    const int64_t q_at = b * a.q_stride_batch + static_cast<int64_t>(h) * group * a.q_stride_head;
-    const float* cscale = a.channel_scale ? a.channel_scale + h * a.channel_stride_head : nullptr;
-    const float* czero = a.channel_zero ? a.channel_zero + h * a.channel_stride_head : nullptr;
-    for (int i = warp; i < group; i += kWarps) {
-      float qz = 0.0f, amax = 0.0f;
-      for (int c = lane; c < D; c += 32) {
-        const float q = load_half_as_float(a.q, q_at + i * a.q_stride_head + c, a.q_bf16);
-        const float cs = cscale ? cscale[c] : 1.0f;
-        if (czero) qz = fmaf(q, czero[c], qz);
-        // q+ and q- keep a NaN (it must make the logit NaN); the mean kind uses q in [0].
-        const float pos = box ? (q < 0.0f ? 0.0f : q) * cs : q * cs;
-        const float neg = (q > 0.0f ? 0.0f : q) * cs;
-        s.x[i][0][c] = pos;
-        s.x[i][1][c] = neg;
-        amax = fmaxf(amax, fmaxf(fabsf(pos), fabsf(neg)));
-      }
-      qz = warp_sum(qz);
-      amax = warp_max(amax);
-      if (lane == 0) {
-        s.qz[i] = qz;
-        int e = 0;  // fp16 operands: X / 2^e with |X / 2^e| < 1
-        if (!a_bf16 && amax > 0.0f && isfinite(amax)) frexpf(amax, &e);
-        s.post[i] = ldexpf(1.0f, e);
-      }
-    }
-    __syncthreads();
+    if (first) prepare(a, b, h, s);
 
-    // 3. B fragments: column n = 2 head + part (part 0: the high, 1: the low 16-bit part of X).
-    const int total_steps = a.num_vectors * kStepsPerVector;
-    for (int idx = tid; idx < total_steps * ntiles * 32; idx += kThreads) {
-      const int ln = idx & 31, nt = (idx >> 5) % ntiles, step = idx / (32 * ntiles);
-      const int r = step / kStepsPerVector, sv = step % kStepsPerVector;
-      const int c = sv / kStepsPerChunk, j = sv % kStepsPerChunk;
-      const int col = nt * 8 + (ln >> 2), head = col >> 1, part = col & 1;
-      int ch[4];
-      step_channels((c * 4 + (ln & 3)) * kThreadBytes * 8 / kBits, j, ch);
-      uint16_t v[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = head < group ? s.x[head][r][ch[e]] : 0.0f;
-        if (a_bf16) {
-          const __nv_bfloat16 hi = __float2bfloat16_rn(x);
-          v[e] = part == 0 ? __bfloat16_as_ushort(hi)
-                           : __bfloat16_as_ushort(__float2bfloat16_rn(x - __bfloat162float(hi)));
-        } else {
-          if (head < group) x /= s.post[head];  // exact: a power of two
-          const __half hi = __float2half_rn(x);
-          v[e] = part == 0 ? __half_as_ushort(hi)
-                           : __half_as_ushort(__float2half_rn(x - __half2float(hi)));
-        }
-      }
-      s.b[step][nt][ln] = make_uint2(pack_bits(v[0], v[1]), pack_bits(v[2], v[3]));
-    }
-    __syncthreads();
-
-    // 4. The products, one k-step (16 channels) at a time.
+    // 2. The products, one k-step (16 channels) at a time.
     float acc[kTilesPerWarp][kMaxNTiles][4];
 #pragma unroll
     for (int t = 0; t < kTilesPerWarp; ++t) {
@@ -364,7 +379,7 @@ struct MmaScorer {
       }
     }
 
-    // 5. Logits: thread (gid, tq) holds rows gid, gid + 8 of each m-tile and heads 4 nt + tq.
+    // 3. Logits: thread (gid, tq) holds rows gid, gid + 8 of each m-tile and heads 4 nt + tq.
     uint32_t* ws_bh = ws_of(a, b, h);
 #pragma unroll
     for (int t = 0; t < kTilesPerWarp; ++t) {
@@ -461,12 +476,12 @@ struct GenericScorer {
   struct Smem {
     float q[kCudaMaxGroup][D];  // q * channel_scale (per-channel formats) or q
     float qz[kCudaMaxGroup];
-    int64_t base[kChunkBlocks];
-    float vscale[kChunkBlocks][2];
+    int64_t base[kSubChunk];
+    float vscale[kSubChunk][2];
     alignas(16) uint8_t raw[kGenericStageBytes];
   };
 
-  __device__ static void score(const SelectArgs& a, int b, int h, int64_t j0, int nb,
+  __device__ static void score(const SelectArgs& a, int b, int h, int64_t j0, int nb, bool first,
                                unsigned char* smem_raw) {
     Smem& s = *reinterpret_cast<Smem*>(smem_raw);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -481,7 +496,7 @@ struct GenericScorer {
     const int64_t q_at = b * a.q_stride_batch + static_cast<int64_t>(h) * group * a.q_stride_head;
     const float* cscale = a.channel_scale ? a.channel_scale + h * a.channel_stride_head : nullptr;
     const float* czero = a.channel_zero ? a.channel_zero + h * a.channel_stride_head : nullptr;
-    for (int i = warp; i < group; i += kWarps) {
+    for (int i = warp; first && i < group; i += kWarps) {
       float qz = 0.0f;
       for (int c = lane; c < D; c += 32) {
         const float q = load_half_as_float(a.q, q_at + i * a.q_stride_head + c, a.q_bf16);
@@ -704,15 +719,11 @@ __device__ void select_top_k(const SelectArgs& a, int b, int h, const DevicePlan
       const bool in = c < nc;
       const uint32_t key = in ? key_of(c) : 0;
       const bool match = in && (key & mask) == prefix;
-      const uint32_t digit = (key >> shift) & dmask;
-      // Whole-warp agreement (ties, or a first digit shared by every key) costs one atomic.
-      const uint32_t voters = __ballot_sync(kFullMask, match);
-      const uint32_t first_digit = __shfl_sync(kFullMask, digit, 0);
-      if (voters == kFullMask && __all_sync(kFullMask, digit == first_digit)) {
-        if (lane == 0) atomicAdd(&s.hist[first_digit], 32u);
-      } else if (match) {
-        atomicAdd(&s.hist[digit], 1u);
-      }
+      const uint32_t digit = match ? (key >> shift) & dmask : kBins;  // kBins: not counted
+      // One atomic per distinct digit of the warp: the first digit is shared by most keys
+      // (sign and exponent), so per-lane atomics would serialize on a few bins.
+      const uint32_t peers = __match_any_sync(kFullMask, digit);
+      if (match && lane == __ffs(peers) - 1) atomicAdd(&s.hist[digit], __popc(peers));
     }
     __syncthreads();
     // Descending scan: thread t owns the 8 digits 2047 - 8t .. 2040 - 8t (fewer in pass 2).
@@ -812,11 +823,13 @@ __global__ void __launch_bounds__(kThreads, 2) select_kernel(const __grid_consta
     if (chunk == 0) write_list(a, b, h, plan, true);
     return;
   }
-  const int64_t chunks = ceil_div(nc, kChunkBlocks);
+  const int64_t chunks = ceil_div(nc, a.chunk_blocks);
   if (chunk >= chunks) return;
-  const int64_t j0 = plan.sink_blocks + static_cast<int64_t>(chunk) * kChunkBlocks;
-  const int nb = static_cast<int>(min64(kChunkBlocks, plan.local_begin - j0));
-  Scorer::score(a, b, h, j0, nb, smem);
+  const int64_t j0 = plan.sink_blocks + static_cast<int64_t>(chunk) * a.chunk_blocks;
+  const int64_t j1 = min64(j0 + a.chunk_blocks, plan.local_begin);
+  for (int64_t j = j0; j < j1; j += kSubChunk) {
+    Scorer::score(a, b, h, j, static_cast<int>(min64(kSubChunk, j1 - j)), j == j0, smem);
+  }
 
   // Arrival: the last CTA of (b, h) selects. Its reads of the other CTAs' keys follow their
   // fence + atomic, and its own fence + barrier (the threadFenceReduction pattern).
@@ -948,13 +961,23 @@ void run_select_blocks(const SelectBlocksParams& p, void* workspace) {
   a.block_counts = p.block_counts;
   a.bc_stride_batch = p.block_counts_stride_batch;
   a.bc_stride_head = p.block_counts_stride_head;
+  // Candidate blocks per CTA: about 4 CTAs per multiprocessor over the whole grid (2 resident),
+  // from 256 (one scoring pass; small batches, short capacities) to 2048 blocks. Example: 128K
+  // tokens, 8 heads of block sizes {8,8,16,16,16,32,32,64}: 8 sequences -> 1024 blocks per CTA
+  // (528 CTAs), 1 sequence -> 256 (264 CTAs). Chunking never changes a result.
   const int64_t capacity = a.capacity;
+  int64_t all_blocks = 0;
+  for (int h = 0; h < g.num_kv_heads; ++h) all_blocks += capacity / layout.block_size(h);
+  all_blocks *= g.batch;
+  a.chunk_blocks = static_cast<int>(
+      clamp64(ceil_div(ceil_div(all_blocks, 4 * multiprocessor_count()), kSubChunk) * kSubChunk,
+              kSubChunk, 8 * kSubChunk));
   int64_t ctas = 0;
   for (int h = 0; h < g.num_kv_heads; ++h) {
     a.log2_block[h] = static_cast<uint8_t>(log2_exact(layout.block_size(h)));
     a.slot_offset[h] = layout.slot_offset(h);
     a.chunk_begin[h] = static_cast<int32_t>(ctas);
-    ctas += max64(1, ceil_div(capacity / layout.block_size(h), kChunkBlocks));
+    ctas += max64(1, ceil_div(capacity / layout.block_size(h), a.chunk_blocks));
     ABSPARSE_CHECK_ARG(ctas <= INT32_MAX, fn, "page_table: too many blocks per sequence for one ",
                        "launch (", capacity, " tokens)");
   }
