@@ -44,7 +44,7 @@ constexpr int kPad = 8;                  // q / P row padding in elements (16 by
 constexpr int kMaxEntries = 128;         // entries resolved per segment
 constexpr int kOffsetSlots = 4;          // tiles whose row offsets are held (stages <= 3, + 1)
 constexpr int kMaxClusterSplits = 16;
-constexpr int64_t kSplitTargetPositions = 128;  // S = ceil(capacity positions / this), capped
+constexpr int64_t kSplitTargetPositions = 512;  // S = ceil(capacity positions / this), capped
 constexpr int64_t kSplitGranule = 16;           // a CTA's positions: a multiple of one warp's rows
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -498,11 +498,11 @@ int64_t most_positions(const DecodeAttentionParams& p) {
 }
 
 // The launch plan: cluster size S and pipeline depth. Worked example (Llama-3.1-8B heads, D 128,
-// bf16): a 2048-token budget with 8-token blocks (max_blocks 256, C = 2055) gives S = 16 CTAs of
-// at most 144 positions (3 tiles, the last partial), 2 stages (~75 KB of shared memory); dense over
-// a 128K page table gives S = 16 CTAs of 8192 positions, 3 stages (~108 KB: 2 CTAs per
-// multiprocessor, so 16-CTA clusters still fit twice in a GPC). The sequence's own length decides
-// at run time how many of the S CTAs have positions.
+// bf16): a 2048-token budget with 8-token blocks (max_blocks 256, C = 2055) gives S = 5 CTAs of at
+// most 416 positions (7 tiles), 3 stages (~108 KB of shared memory: 2 CTAs per multiprocessor);
+// dense over a 128K page table gives S = 16 CTAs of 8192 positions, 3 stages. Fewer, longer CTAs
+// amortize each CTA's fixed latency (entries -> pages -> first tile, the cluster merge); the
+// sequence's own length decides at run time how many of the S CTAs have positions.
 struct AttnPlan {
   int splits, stages;
   size_t smem;

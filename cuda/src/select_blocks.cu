@@ -678,14 +678,17 @@ __device__ void select_top_k(const SelectArgs& a, int b, int h, const DevicePlan
     for (int i = 0; i < a.group; ++i) {
       const float* row = logits + static_cast<int64_t>(i) * a.ws_row;
       float peak = -INFINITY;
+#pragma unroll 8
       for (int64_t c = tid; c < nc; c += kThreads) peak = fmaxf(peak, rank_value(__ldcg(row + c)));
       peak = block_reduce<true>(peak, s);
       if (!isfinite(peak)) continue;  // uniform across the block
       float total = 0.0f;
+#pragma unroll 8
       for (int64_t c = tid; c < nc; c += kThreads) {
         total += expf(rank_value(__ldcg(row + c)) - peak);
       }
       total = block_reduce<false>(total, s);
+#pragma unroll 8
       for (int64_t c = tid; c < nc; c += kThreads) {
         score[c] += expf(rank_value(__ldcg(row + c)) - peak) / total;
       }
@@ -700,6 +703,8 @@ __device__ void select_top_k(const SelectArgs& a, int b, int h, const DevicePlan
       }
     }
   } else if (cached) {
+    // Unrolled so that each thread has 16 loads from L2 in flight (a rolled loop waits for each).
+#pragma unroll 16
     for (int64_t c = tid; c < nc; c += kThreads) s.keys[c] = __ldcg(key_row + c);
   }
   __syncthreads();

@@ -4,7 +4,7 @@
 // update_kernel<D>: grid (X, Hk, B), 4 warps per CTA. A block of bs keys is summarized by D / 8
 // lanes, each owning 8 consecutive channels read as one 16-byte load per key row, so a warp
 // summarizes 256 / D blocks at once; warps stride over the blocks [start_b // bs_h, L_b // bs_h) of
-// their (sequence, head). Rows are loaded 16 at a time (16 loads in flight per lane) and reduced in
+// their (sequence, head). Rows are loaded 8 at a time (8 loads in flight per lane) and reduced in
 // float64 in the CPU's order (t = 0 .. bs-1), so every rounding matches the reference.
 // X comes from the host: enough CTAs to cover max_new_tokens (a parallelism hint; the loop covers
 // any number of blocks), capped so that the whole grid is a few waves (a long prefill), or 1 CTA
@@ -16,7 +16,7 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kRowBatch = 16;  // key rows loaded before they are reduced
+constexpr int kRowBatch = 8;  // key rows loaded before they are reduced
 
 struct UpdateArgs {
   const void* k;

@@ -1,6 +1,6 @@
 #include "tensor_view.h"
 
-#include <sstream>
+#include <string>
 
 #include "absparse/error.h"
 
@@ -38,11 +38,9 @@ int64_t TensorView::numel() const {
 }
 
 std::string TensorView::shape_string() const {
-  std::ostringstream os;
-  os << "[";
-  for (int i = 0; i < ndim; ++i) os << (i ? ", " : "") << shape[i];
-  os << "]";
-  return os.str();
+  std::string out = "[";  // no iostreams: see detail::append in absparse/error.h
+  for (int i = 0; i < ndim; ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + "]";
 }
 
 std::string TensorView::device_string() const {

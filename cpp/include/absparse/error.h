@@ -5,9 +5,10 @@
 // and the actual value; the file and line of the check are appended for bug reports.
 #pragma once
 
-#include <sstream>
+#include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace absparse {
 
@@ -28,12 +29,31 @@ class InvalidArgument : public std::invalid_argument {
 };
 
 namespace detail {
-// Streams all arguments into one string: concat("expected ", 4, ", got ", 3).
+// Message assembly without iostreams: std::ostringstream formats numbers through the locale's
+// num_put facet, which crashed (SIGSEGV) in a process whose libstdc++ was not the one the
+// extension was compiled against (the GPU machine's toolchain, issue 12); std::to_string and
+// snprintf("%g") need no facet and print the same text.
+inline void append(std::string& out, const std::string& x) { out += x; }
+inline void append(std::string& out, const char* x) { out += x; }
+inline void append(std::string& out, char x) { out += x; }
+inline void append(std::string& out, bool x) { out += x ? '1' : '0'; }
+template <typename T, typename = std::enable_if_t<std::is_integral_v<T>>>
+inline void append(std::string& out, T x) {
+  out += std::to_string(x);
+}
+inline void append(std::string& out, double x) {
+  char buffer[32];
+  std::snprintf(buffer, sizeof(buffer), "%g", x);
+  out += buffer;
+}
+inline void append(std::string& out, float x) { append(out, static_cast<double>(x)); }
+
+// Concatenates all arguments into one string: concat("expected ", 4, ", got ", 3).
 template <typename... Args>
 std::string concat(const Args&... args) {
-  std::ostringstream os;
-  (os << ... << args);
-  return os.str();
+  std::string out;
+  (append(out, args), ...);
+  return out;
 }
 }  // namespace detail
 
