@@ -196,8 +196,13 @@ _CHILD = textwrap.dedent("""
     from test_validation import CASES, _base, OPS
     from test_cuda_validation import GPU_ONLY_CASES, _device_value_case, _gpu_only_edit
 
+    def cuda_like(t):
+        # Same strides and storage offset on the GPU (t.cuda() would make strided views dense).
+        storage = torch.as_strided(t, (t.untyped_storage().nbytes() // t.element_size(),), (1,), 0)
+        return torch.as_strided(storage.cuda(), t.shape, t.stride(), t.storage_offset())
+
     def to_cuda(a):
-        return {{k: (v.cuda() if isinstance(v, torch.Tensor) and k != "block_sizes" else v)
+        return {{k: (cuda_like(v) if isinstance(v, torch.Tensor) and k != "block_sizes" else v)
                  for k, v in a.items()}}
 
     def run(op, a, kw, regex):

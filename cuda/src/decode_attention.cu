@@ -483,16 +483,19 @@ void configure_kernel(Kernel kernel, std::atomic<uint64_t>& configured) {
   configured.fetch_or(bit, std::memory_order_relaxed);
 }
 
-// Most positions one (sequence, head) can attend, from capacities only: dense max_pages * P;
-// sparse min(max_pages * P, max_h(max_blocks * bs_h + bs_h - 1)) (listed blocks plus the tail).
-int64_t most_positions(const DecodeAttentionParams& p) {
+// Positions one (sequence, head) typically attends, from capacities only: dense max_pages * P;
+// sparse min(max_pages * P, min_h(max_blocks * bs_h + bs_h - 1)). The minimum over heads: with a
+// shared token budget every head attends about the same number of positions, and max_blocks (one
+// capacity for all heads) is sized by the smallest block size. A head attending more positions
+// only gets longer ranges per CTA (speed, never results, depend on this choice).
+int64_t typical_positions(const DecodeAttentionParams& p) {
   const BatchGeometry& g = p.geometry;
   const int64_t capacity = static_cast<int64_t>(g.max_pages) * g.page_size;
   if (p.block_sizes == nullptr) return capacity;
-  int64_t most = 0;
+  int64_t most = capacity;
   for (int h = 0; h < g.num_kv_heads; ++h) {
     const int64_t bs = p.block_sizes[h];
-    most = max64(most, min64(capacity, static_cast<int64_t>(p.max_blocks) * bs + bs - 1));
+    most = min64(most, static_cast<int64_t>(p.max_blocks) * bs + bs - 1);
   }
   return most;
 }
@@ -513,7 +516,7 @@ AttnPlan plan_attention(const DecodeAttentionParams& p) {
   using L = AttnLayout<T, D, kNT>;
   static std::atomic<uint64_t> configured{0};
   configure_kernel(attention_kernel<T, D, kNT>, configured);
-  const int64_t most = most_positions(p);
+  const int64_t most = typical_positions(p);
   // Largest cluster the device can co-schedule for this kernel (16 on an H100 / H200).
   static std::atomic<int> cluster_cap{0};
   int cap = cluster_cap.load(std::memory_order_relaxed);
