@@ -7,11 +7,11 @@
 #
 # Steps (in this order; skipped when fewer seconds than they need are left of BUDGET_S):
 #   quick      GPU tests, quick tier (tests/test_gpu.py, tests/test_cuda_validation.py)  tests.log
+#   full       GPU tests, full tier                                                       tests.log
+#   sanitizer  compute-sanitizer memcheck (smoke + 4 small cases) and racecheck (smoke)   sanitizer.log
 #   ncu        Nsight Compute, --set full, one steady launch of each kernel at B8/128K    ncu.txt
 #   bench      bench/decode_bench.py (BENCH_ARGS, default --quick)     bench.log, decode_bench.json
 #   gbench     absparse_bench_gpu (google-benchmark), carried in build/carry     bench.log, bench_gpu.json
-#   sanitizer  compute-sanitizer memcheck (smoke + 4 small cases) and racecheck (smoke)   sanitizer.log
-#   full       GPU tests, full tier                                                       tests.log
 # The build log (with the ptxas register / spill report) is build.log: 8 files at most, the
 # device tool's limit.
 set -uo pipefail
@@ -82,6 +82,25 @@ if want quick; then
     -q -ra -m "not full" -p no:cacheprovider --durations=10 ${PYTEST_ARGS:-}
 fi
 
+if want full; then
+  step full tests.log 90 300 "$PY" -m pytest \
+    tests/test_gpu.py -q -ra -m full -p no:cacheprovider -x --durations=5
+fi
+if want sanitizer; then
+  SAN=$(command -v compute-sanitizer ||
+        ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  # Without the caching allocator every tensor is its own allocation, so memcheck sees overruns.
+  MEMCHECK_K="sanitizer_smoke or (test_attention_matches_cpu and s1000-)"
+  MEMCHECK_K+=" or (test_select_blocks_matches_cpu and s1002-) or max-cuboid-int8c"
+  MEMCHECK_K+=" or softmax_sum-minmax-int4]"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck sanitizer.log 60 150 "$SAN" --tool memcheck \
+    --error-exitcode 9 --print-limit 40 "$PY" -m pytest tests/test_gpu.py -q -x \
+    -p no:cacheprovider -k "$MEMCHECK_K"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step racecheck sanitizer.log 60 120 "$SAN" --tool racecheck \
+    --error-exitcode 9 --print-limit 40 "$PY" -m pytest tests/test_gpu.py -q -x \
+    -p no:cacheprovider -k sanitizer_smoke
+fi
+
 if want ncu; then
   NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
   for kernel in select_kernel attention_kernel update_kernel; do
@@ -105,23 +124,5 @@ if want gbench; then
     --benchmark_out="$OUT/bench_gpu.json" --benchmark_out_format=json ${GBENCH_ARGS:-}
 fi
 
-if want sanitizer; then
-  SAN=$(command -v compute-sanitizer ||
-        ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-  # Without the caching allocator every tensor is its own allocation, so memcheck sees overruns.
-  MEMCHECK_K="sanitizer_smoke or (test_attention_matches_cpu and s1000-)"
-  MEMCHECK_K+=" or (test_select_blocks_matches_cpu and s1002-) or max-cuboid-int8c"
-  MEMCHECK_K+=" or softmax_sum-minmax-int4]"
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck sanitizer.log 60 150 "$SAN" --tool memcheck \
-    --error-exitcode 9 --print-limit 40 "$PY" -m pytest tests/test_gpu.py -q -x \
-    -p no:cacheprovider -k "$MEMCHECK_K"
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step racecheck sanitizer.log 60 120 "$SAN" --tool racecheck \
-    --error-exitcode 9 --print-limit 40 "$PY" -m pytest tests/test_gpu.py -q -x \
-    -p no:cacheprovider -k sanitizer_smoke
-fi
 
-if want full; then
-  step full tests.log 90 "$(( $(left) > 30 ? $(left) - 20 : 10 ))" "$PY" -m pytest \
-    tests/test_gpu.py -q -ra -m full -p no:cacheprovider -x --durations=5
-fi
 exit 0
