@@ -50,6 +50,7 @@ constexpr int kMaxNTiles = 2 * kCudaMaxGroup / 8;              // n-tiles of 8 c
 constexpr int kDigitBits = 11;
 constexpr int kBins = 1 << kDigitBits;
 constexpr int kKeyCache = 16384;  // candidates whose keys the selecting CTA keeps in shared memory
+constexpr int kBatch = 8;         // keys per lane loaded together in the selection passes
 constexpr int kGenericStageBytes = 32 * 1024;
 
 struct SelectArgs {
@@ -719,16 +720,23 @@ __device__ void select_top_k(const SelectArgs& a, int b, int h, const DevicePlan
     const uint32_t dmask = pass == 2 ? 0x3FFu : 0x7FFu;
     for (int i = tid; i < kBins; i += kThreads) s.hist[i] = 0;
     __syncthreads();
-    for (int64_t base = warp * 32; base < nc; base += kThreads) {
-      const int64_t c = base + lane;
-      const bool in = c < nc;
-      const uint32_t key = in ? key_of(c) : 0;
-      const bool match = in && (key & mask) == prefix;
-      const uint32_t digit = match ? (key >> shift) & dmask : kBins;  // kBins: not counted
-      // One atomic per distinct digit of the warp: the first digit is shared by most keys
-      // (sign and exponent), so per-lane atomics would serialize on a few bins.
-      const uint32_t peers = __match_any_sync(kFullMask, digit);
-      if (match && lane == __ffs(peers) - 1) atomicAdd(&s.hist[digit], __popc(peers));
+    // kBatch keys per lane are loaded before any is counted (their latencies overlap).
+    for (int base = warp * 32; base < nc; base += kThreads * kBatch) {
+      uint32_t key[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int c = base + u * kThreads + lane;
+        key[u] = c < nc ? key_of(c) : 0;
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const bool match = base + u * kThreads + lane < nc && (key[u] & mask) == prefix;
+        const uint32_t digit = match ? (key[u] >> shift) & dmask : kBins;  // kBins: not counted
+        // One atomic per distinct digit of the warp: the first digit is shared by most keys
+        // (sign and exponent), so per-lane atomics would serialize on a few bins.
+        const uint32_t peers = __match_any_sync(kFullMask, digit);
+        if (match && lane == __ffs(peers) - 1) atomicAdd(&s.hist[digit], __popc(peers));
+      }
     }
     __syncthreads();
     // Descending scan: thread t owns the 8 digits 2047 - 8t .. 2040 - 8t (fewer in pass 2).
@@ -778,11 +786,19 @@ __device__ void select_top_k(const SelectArgs& a, int b, int h, const DevicePlan
   const int64_t seg = ((nc + kWarps - 1) / kWarps + 31) / 32 * 32;
   const int64_t lo = min64(static_cast<int64_t>(warp) * seg, nc), hi = min64(lo + seg, nc);
   int gt = 0, eq = 0;
-  for (int64_t base = lo; base < hi; base += 32) {
-    const int64_t c = base + lane;
-    const uint32_t key = c < hi ? key_of(c) & mask : 0;
-    gt += __popc(__ballot_sync(kFullMask, c < hi && key > prefix));
-    eq += __popc(__ballot_sync(kFullMask, c < hi && key == prefix));
+  for (int64_t base = lo; base < hi; base += 32 * kBatch) {
+    uint32_t key[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t c = base + 32 * u + lane;
+      key[u] = c < hi ? key_of(c) & mask : 0;
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const bool in = base + 32 * u + lane < hi;
+      gt += __popc(__ballot_sync(kFullMask, in && key[u] > prefix));
+      eq += __popc(__ballot_sync(kFullMask, in && key[u] == prefix));
+    }
   }
   int eq_total = 0;
   const int eq_before = warp_prefix(eq, s.warp_a, &eq_total);
@@ -792,18 +808,26 @@ __device__ void select_top_k(const SelectArgs& a, int b, int h, const DevicePlan
   int32_t* out = a.block_indices + b * a.bi_stride_batch + h * a.bi_stride_head;
   const uint32_t below = (1u << lane) - 1;
   int64_t eq_seen = eq_before, written = taken_before;
-  for (int64_t base = lo; base < hi; base += 32) {
-    const int64_t c = base + lane;
-    const uint32_t key = c < hi ? key_of(c) & mask : 0;
-    const bool greater = c < hi && key > prefix;
-    const bool equal = c < hi && key == prefix;
-    const uint32_t eq_mask = __ballot_sync(kFullMask, equal);
-    const bool take = greater || (equal && eq_seen + __popc(eq_mask & below) < want);
-    const uint32_t take_mask = __ballot_sync(kFullMask, take);
-    const int64_t pos = sink + written + __popc(take_mask & below);
-    if (take && pos < a.max_blocks) out[pos * a.bi_stride_slot] = static_cast<int32_t>(sink + c);
-    eq_seen += __popc(eq_mask);
-    written += __popc(take_mask);
+  for (int64_t base = lo; base < hi; base += 32 * kBatch) {
+    uint32_t key[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int64_t c = base + 32 * u + lane;
+      key[u] = c < hi ? key_of(c) & mask : 0;
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {  // in candidate order: positions stay ascending
+      const int64_t c = base + 32 * u + lane;
+      const bool greater = c < hi && key[u] > prefix;
+      const bool equal = c < hi && key[u] == prefix;
+      const uint32_t eq_mask = __ballot_sync(kFullMask, equal);
+      const bool take = greater || (equal && eq_seen + __popc(eq_mask & below) < want);
+      const uint32_t take_mask = __ballot_sync(kFullMask, take);
+      const int64_t pos = sink + written + __popc(take_mask & below);
+      if (take && pos < a.max_blocks) out[pos * a.bi_stride_slot] = static_cast<int32_t>(sink + c);
+      eq_seen += __popc(eq_mask);
+      written += __popc(take_mask);
+    }
   }
   write_list(a, b, h, plan, false);
 }
