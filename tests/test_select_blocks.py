@@ -7,13 +7,15 @@ k-th/(k+1)-th gap is not such a near tie (random data never produced one) and co
 on purpose where tie-breaking is tested.
 """
 import dataclasses
+import itertools
 import math
 
 import pytest
 import torch
 
 import reference as ref
-from cases import (Case, case_params, default_max_blocks, make_inputs, sentinel_summary_cache,
+from cases import (DTYPES, FULL_CASES, GROUPS, QUICK_CASES, Case, case_params,
+                   default_max_blocks, make_inputs, ranking_share, ranks, sentinel_summary_cache,
                    strided_summary_cache)
 from conftest import lib_layout
 
@@ -84,6 +86,29 @@ def test_select_matches_reference(ab, case):
     assert idx.shape == (len(case.seq_lens), case.num_kv_heads, M)
     if case.group_reduce == "max" and case.budget != 1 << 20:    # the other reduction too
         _check_case(ab, case, inp, summaries, scales, group_reduce="softmax_sum", scale=0.3)
+
+
+@pytest.mark.parametrize("name", ["quick", "full"])
+def test_case_lists_rank(name):
+    """The seeded lists exercise the ranking itself: most (sequence, KV head) pairs have
+    0 < k < candidates (a pair that keeps everything or nothing never reads a score), in every
+    case, for every summary x format, every group size with both reductions, every dtype and
+    both budget kinds (token count, fraction)."""
+    cases = QUICK_CASES if name == "quick" else FULL_CASES
+    pairs = [ranks(L, bs, c.budget, c.sink, c.local)
+             for c in cases for L in c.seq_lens for bs in c.block_sizes]
+    assert sum(pairs) >= 0.75 * len(pairs), f"{name}: {sum(pairs)} of {len(pairs)} pairs rank"
+    assert all(ranking_share(c) >= 0.5 for c in cases), \
+        [(c.id, ranking_share(c)) for c in cases if ranking_share(c) < 0.5]
+    ranking = [c for c in cases if ranking_share(c) > 0]
+    assert {(c.summary, c.format) for c in ranking} == set(itertools.product(ref.SUMMARIES,
+                                                                             ref.FORMATS))
+    assert {(c.group, c.group_reduce) for c in ranking} == set(itertools.product(
+        GROUPS, ("max", "softmax_sum")))
+    assert {c.dtype for c in ranking} == set(DTYPES)
+    assert {type(c.budget) for c in ranking} == {int, float}
+    # The pipeline test runs the quick list's even cases: they rank too.
+    assert all(ranking_share(c) > 0 for c in QUICK_CASES[::2])
 
 
 def _tie_case(fmt, summary, reduce, seq_len=300):
