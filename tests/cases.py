@@ -3,6 +3,12 @@
 A Case fixes everything about one decode step (shapes, dtypes, layout, lengths, budget); make_inputs
 turns it into tensors. Lists are built deterministically from fixed seeds so that a failing case id
 can be rerun alone (pytest -k <id>).
+
+Cases are built to rank: lengths leave every head several candidates beyond its sink and local
+blocks and the budget is chosen so that most (sequence, KV head) pairs select some but not all of
+them (0 < k < candidates), since a pair that keeps everything or nothing never reads a score.
+test_select_blocks.py::test_case_lists_rank checks this across summary x format, group size x
+reduction, dtype and budget kind.
 """
 import itertools
 import math
@@ -12,7 +18,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from reference import FORMATS, QMAX, SUMMARIES, RefLayout
+from reference import FORMATS, QMAX, SUMMARIES, RefLayout, plan_selection
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HEAD_DIMS = (64, 128, 256, 40)
@@ -73,39 +79,78 @@ class Inputs:
     keep: list = field(default_factory=list)      # base tensors the strided views point into
 
 
-def _seq_len_pool(rng: random.Random, block_sizes, page_size: int, max_len: int):
-    """Lengths on and around block and page boundaries, plus 0, 1 and random ones."""
-    pool = {0, 1, page_size - 1, page_size, page_size + 1, 2 * page_size + 1, 3 * page_size - 1}
-    for bs in block_sizes:
-        pool |= {bs - 1, bs, bs + 1, 5 * bs - 1, 7 * bs + 1}
-    pool |= {rng.randint(2, max_len) for _ in range(4)}
-    return sorted(v for v in pool if 0 <= v <= max_len)
+# (sink_tokens, local_tokens) pairs; every one leaves candidates to rank in long enough sequences.
+WINDOWS = ((16, 64), (16, 64), (0, 0), (0, 64), (32, 0), (8, 128), (64, 16))
+
+
+def _kept_blocks(bs: int, sink: int, local: int) -> int:
+    """Sink plus local blocks of a long sequence (docs/decode.md: ceil(sink/bs) + ceil(local/bs))."""
+    return -(-sink // bs) + -(-local // bs)
+
+
+def ranks(seq_len: int, block_size: int, budget, sink: int, local: int) -> bool:
+    """Whether selection has a choice to make: 0 < k < candidates (else nothing is scored)."""
+    plan = plan_selection(seq_len, block_size, budget, sink, local)
+    return 0 < plan.num_selected < len(plan.candidates)
+
+
+def ranking_share(case: "Case") -> float:
+    """Share of the case's (sequence, KV head) pairs that rank."""
+    pairs = [(L, bs) for L in case.seq_lens for bs in case.block_sizes]
+    return sum(ranks(L, bs, case.budget, case.sink, case.local) for L, bs in pairs) / len(pairs)
 
 
 def _block_sizes(rng: random.Random, hk: int, page_size: int):
+    """Hk block sizes <= page_size, within a factor 8 of each other (so one length ranks them
+    all without hundreds of blocks at the smallest size)."""
     allowed = [bs for bs in BLOCK_SIZES if bs <= page_size]
-    return tuple(rng.choice(allowed) for _ in range(hk))
+    while True:
+        sizes = tuple(rng.choice(allowed) for _ in range(hk))
+        if max(sizes) <= 8 * min(sizes):
+            return sizes
 
 
-def _budget(rng: random.Random):
-    kind = rng.random()
-    if kind < 0.55:
-        return rng.choice([0, 1, 40, 96, 128, 200, 300, 512])
-    if kind < 0.9:
-        return rng.choice([0.05, 0.1, 0.25, 0.5, 0.75, 0.99])
-    return 1 << 20                                  # >= every L: dense
+def _seq_lens(rng: random.Random, block_sizes, page_size: int, sink: int, local: int, batch: int):
+    """`batch` long lengths (every head keeps >= 6 candidates beyond sink and local) at random
+    offsets within blocks and pages, and in half the cases one more sequence of an edge length
+    (0, 1, around a block or page boundary, or 0/1 candidates left)."""
+    shortest = max((_kept_blocks(bs, sink, local) + 6) * bs for bs in block_sizes)
+    span = rng.choice([1, 2, 4]) * max(block_sizes)
+    lens = [rng.randint(shortest, shortest + span) for _ in range(batch)]
+    if rng.random() < 0.5:
+        bs = rng.choice(block_sizes)
+        few = (_kept_blocks(bs, sink, local) + 1) * bs           # one candidate left
+        lens.insert(rng.randrange(batch + 1), rng.choice([0, 1, bs - 1, bs + 1, page_size,
+                                                          page_size + 1, few - 1, few]))
+    return tuple(lens)
 
 
-def _make_case(seed: int, summary: str, fmt: str, tier: str, max_len: int, max_batch: int) -> Case:
+def _budget(rng: random.Random, seq_lens, block_sizes, sink: int, local: int):
+    """A token count or a fraction of L: of 12 random draws, the one under which most pairs rank,
+    and among those the one that selects closest to half the candidates (the sharpest test)."""
+    if rng.random() < 0.5:
+        draws = [rng.randint(1, max(seq_lens)) for _ in range(12)]
+    else:
+        draws = [round(rng.uniform(0.05, 0.95), 2) for _ in range(12)]
+
+    def merit(budget):
+        plans = [plan_selection(L, bs, budget, sink, local) for L in seq_lens for bs in block_sizes]
+        ranking = [p.num_selected / len(p.candidates) for p in plans
+                   if 0 < p.num_selected < len(p.candidates)]
+        half = sum(abs(f - 0.5) for f in ranking) / max(len(ranking), 1)
+        return len(ranking), -half
+
+    return max(draws, key=merit)                                 # the first best draw
+
+
+def _make_case(seed: int, summary: str, fmt: str, group: int, reduce: str, tier: str,
+               max_batch: int) -> Case:
     rng = random.Random(seed)
-    group = GROUPS[seed % len(GROUPS)]
     hk = rng.choice([1, 2]) if group >= 8 else rng.choice([1, 2, 3, 4])
     page_size = rng.choice(PAGE_SIZES)
     block_sizes = _block_sizes(rng, hk, page_size)
-    pool = _seq_len_pool(rng, block_sizes, page_size, max_len)
-    batch = rng.randint(1, max_batch)
-    seq_lens = tuple(rng.choice(pool) for _ in range(batch))
-    sink, local = rng.choice([(16, 64), (16, 64), (0, 0), (0, 64), (32, 0), (1000, 8), (8, 4000)])
+    sink, local = rng.choice(WINDOWS)
+    seq_lens = _seq_lens(rng, block_sizes, page_size, sink, local, rng.randint(1, max_batch))
     return Case(
         seed=seed,
         dtype=DTYPES[(seed // 3) % len(DTYPES)],
@@ -116,10 +161,10 @@ def _make_case(seed: int, summary: str, fmt: str, tier: str, max_len: int, max_b
         seq_lens=seq_lens,
         summary=summary,
         format=fmt,
-        budget=_budget(rng),
+        budget=_budget(rng, seq_lens, block_sizes, sink, local),
         sink=sink,
         local=local,
-        group_reduce="softmax_sum" if rng.random() < 0.35 else "max",
+        group_reduce=reduce,
         noncontig=rng.random() < 0.5,
         stale_entries=rng.random() < 0.5,
         extra_pages=rng.choice([0, 1, 3]),
@@ -129,14 +174,20 @@ def _make_case(seed: int, summary: str, fmt: str, tier: str, max_len: int, max_b
 
 
 def _generate():
-    quick, full = [], []
-    # Quick: every (summary, format) pair once; dtype, D and G cycle with the seed.
-    for i, (summary, fmt) in enumerate(itertools.product(SUMMARIES, FORMATS)):
-        quick.append(_make_case(1000 + i, summary, fmt, "quick", max_len=700, max_batch=4))
-    # Full: more seeds, longer sequences, bigger batches.
-    for i in range(84):
-        summary, fmt = SUMMARIES[i % 3], FORMATS[(i // 3) % 7]
-        full.append(_make_case(5000 + i, summary, fmt, "full", max_len=1600, max_batch=6))
+    """Quick: every (summary, format) pair once, group sizes in turn, each group with both
+    reductions. Full: every pair three more times, each time with another group size (so a pair
+    meets four of the six), reductions alternating in pairs."""
+    combos = list(itertools.product(SUMMARIES, FORMATS))        # 21
+    reduces = ("max", "softmax_sum")
+    quick = [_make_case(1000 + i, summary, fmt, GROUPS[i % len(GROUPS)],
+                        reduces[(i // len(GROUPS)) % 2], "quick", max_batch=3)
+             for i, (summary, fmt) in enumerate(combos)]
+    full = []
+    for rep in range(3):
+        for i, (summary, fmt) in enumerate(combos):
+            full.append(_make_case(5000 + 100 * rep + i, summary, fmt,
+                                   GROUPS[(i + rep + 1) % len(GROUPS)], reduces[(i // 2) % 2],
+                                   "full", max_batch=4))
     return quick, full
 
 

@@ -92,17 +92,21 @@ def quantize(x: torch.Tensor, fmt: str, channel_scale=None, channel_zero=None):
     """x float32 [..., D] -> (codes [..., W] storage dtype, scales float32 [...] or None).
 
     channel_scale / channel_zero: float32 broadcastable to x (int8c/int4c only).
+    NaN inputs (docs/decode.md, "Summaries"): a NaN takes the largest code (+qmax) and is left out
+    of the per-vector amax, so the integer formats store NaN keys as finite codes.
     """
     x = x.to(torch.float32)                                      # [..., D]
     if fmt in FLOAT_FORMAT_DTYPE:
         return x.to(FLOAT_FORMAT_DTYPE[fmt]), None               # [..., D] round to nearest even
     qmax = QMAX[fmt]
     if fmt in ("int8", "int4"):
-        amax = x.abs().amax(dim=-1)                              # [...] float32, exact
+        mag = x.abs()                                            # [..., D]
+        amax = torch.where(mag.isnan(), 0.0, mag).amax(dim=-1)   # [...] float32, exact, NaN left out
         scale = amax / torch.full_like(amax, float(qmax))        # [...] one float32 division
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)  # [...] avoid 0/0
         q = torch.round(x / safe.unsqueeze(-1))                  # [..., D] float32 quotient, half-even
         q = q.clamp(-qmax, qmax)                                 # [..., D]
+        q = torch.where(q.isnan(), float(qmax), q)               # [..., D] NaN (also inf/inf) -> +qmax
         q = torch.where((scale == 0).unsqueeze(-1), torch.zeros_like(q), q)  # all-zero vector
         codes = q.to(torch.int32)                                # [..., D]
         if fmt == "int8":
@@ -112,6 +116,7 @@ def quantize(x: torch.Tensor, fmt: str, channel_scale=None, channel_zero=None):
     cz = channel_zero.to(torch.float32)                          # [..., D] broadcastable
     diff = x - cz                                                # [..., D] float32 subtraction
     q = torch.round(diff / cs).clamp(0, qmax)                    # [..., D] float32 division, half-even
+    q = torch.where(q.isnan(), float(qmax), q)                   # [..., D] NaN -> largest code
     codes = q.to(torch.int32)                                    # [..., D]
     if fmt == "int8c":
         return codes.to(torch.uint8), None                       # [..., D]
@@ -164,28 +169,42 @@ def block_location(layout: RefLayout, page_table_row: torch.Tensor, head: int, b
     return page, slot
 
 
+def block_locations(layout: RefLayout, page_table_row: torch.Tensor, head: int, blocks):
+    """(pages, slots) long [n] of blocks `blocks` (a range or list) of KV head `head`: the same
+    arithmetic as block_location, elementwise."""
+    bs, P = layout.block_sizes[head], layout.page_size
+    j = torch.tensor(list(blocks), dtype=torch.long)             # [n] block indices
+    pages = page_table_row.to(torch.long)[(j * bs) // P]         # [n]
+    slots = layout.slot_offsets[head] + (j * bs % P) // bs       # [n]
+    return pages, slots
+
+
 # ------------------------------------------------------------------------------------------------
 # Block summaries and update_centroids
 # ------------------------------------------------------------------------------------------------
 
 def block_summary(keys: torch.Tensor, kind: str) -> torch.Tensor:
-    """keys [bs, D] (cache dtype) -> float32 [R, D]: reduced in float64, rounded once to float32."""
-    k = keys.to(torch.float32).to(torch.float64)                 # [bs, D] exact
+    """keys [..., bs, D] (cache dtype) -> float32 [..., R, D]: reduced in float64, rounded once.
+
+    NaN and +-inf keys follow torch's float64 reductions (amax/amin propagate NaN).
+    """
+    k = keys.to(torch.float32).to(torch.float64)                 # [..., bs, D] exact
     if kind == "mean":
-        vecs = k.mean(dim=0, keepdim=True)                       # [1, D]
+        vecs = k.mean(dim=-2, keepdim=True)                      # [..., 1, D]
     elif kind == "minmax":
-        vecs = torch.stack([k.amax(dim=0), k.amin(dim=0)])       # [2, D] hi, lo
+        vecs = torch.stack([k.amax(dim=-2), k.amin(dim=-2)], dim=-2)  # [..., 2, D] hi, lo
     elif kind == "cuboid":
-        m = (k.amax(dim=0) + k.amin(dim=0)) / 2                  # [D] centre
-        r = (k - m).abs().mean(dim=0)                            # [D] mean |k - m|
-        vecs = torch.stack([m + r, m - r])                       # [2, D] hi, lo
+        m = (k.amax(dim=-2) + k.amin(dim=-2)) / 2                # [..., D] centre
+        r = (k - m.unsqueeze(-2)).abs().mean(dim=-2)             # [..., D] mean |k - m|
+        vecs = torch.stack([m + r, m - r], dim=-2)               # [..., 2, D] hi, lo
     else:
         raise ValueError(kind)
-    return vecs.to(torch.float32)                                # [R, D] one rounding
+    return vecs.to(torch.float32)                                # [..., R, D] one rounding
 
 
 def store_summary(vecs: torch.Tensor, layout: RefLayout, head: int):
-    """float32 [R, D] -> (codes [R, W], scales float32 [R] or None) in the layout's format."""
+    """float32 [..., R, D] -> (codes [..., R, W], scales float32 [..., R] or None) in the layout's
+    format."""
     cs = cz = None
     if layout.format in ("int8c", "int4c"):
         cs = layout.channel_scale[head]                          # [D]
@@ -206,31 +225,30 @@ def update_centroids(k_cache, page_table, seq_lens, start_pos, layout: RefLayout
         L, start = int(seq_lens[b]), int(start_pos[b])
         keys = expand_cache(k_cache, page_table[b], L)           # [L, Hk, D]
         for h, bs in enumerate(layout.block_sizes):
-            for j in range(start // bs, L // bs):
-                vecs = block_summary(keys[j * bs:(j + 1) * bs, h], layout.summary)  # [R, D]
-                codes, sc = store_summary(vecs, layout, h)       # [R, W], [R] | None
-                page, slot = block_location(layout, page_table[b], h, j)
-                summaries[page, slot] = codes                    # [R, W]
-                if sc is not None:
-                    scales[page, slot] = sc                      # [R]
+            first, end = start // bs, L // bs                    # blocks [first, end) complete now
+            if first >= end:
+                continue
+            blocks = keys[first * bs:end * bs, h].reshape(end - first, bs, -1)  # [m, bs, D]
+            codes, sc = store_summary(block_summary(blocks, layout.summary), layout, h)
+            pages, slots = block_locations(layout, page_table[b], h, range(first, end))
+            summaries[pages, slots] = codes                      # [m, R, W]
+            if sc is not None:
+                scales[pages, slots] = sc                        # [m, R]
     return summaries, scales
 
 
 def read_summaries(summaries, scales, page_table_row, layout: RefLayout, head: int, n: int):
     """Dequantized float32 summaries [n, R, D] of blocks 0..n-1 of one (sequence, head)."""
-    out = []
-    for j in range(n):
-        page, slot = block_location(layout, page_table_row, head, j)
-        codes = summaries[page, slot]                            # [R, W]
-        sc = None if scales is None else scales[page, slot]      # [R]
-        cs = cz = None
-        if layout.format in ("int8c", "int4c"):
-            cs, cz = layout.channel_scale[head], layout.channel_zero[head]  # [D], [D]
-        out.append(dequantize(codes, layout.format, sc, cs, cz))  # [R, D]
-    if not out:
+    if n == 0:
         width = summaries.shape[-1] * (2 if layout.format in ("int4", "int4c") else 1)
         return torch.zeros(0, layout.summary_vectors, width)     # [0, R, D]
-    return torch.stack(out)                                      # [n, R, D]
+    pages, slots = block_locations(layout, page_table_row, head, range(n))
+    codes = summaries[pages, slots]                              # [n, R, W]
+    sc = None if scales is None else scales[pages, slots]        # [n, R]
+    cs = cz = None
+    if layout.format in ("int8c", "int4c"):
+        cs, cz = layout.channel_scale[head], layout.channel_zero[head]  # [D], [D]
+    return dequantize(codes, layout.format, sc, cs, cz)          # [n, R, D]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -281,41 +299,53 @@ def _exp_consistent(x: torch.Tensor) -> torch.Tensor:
 def block_logits(q: torch.Tensor, vecs: torch.Tensor, kind: str, scale: float) -> torch.Tensor:
     """q float64 [G, D], vecs float64 [n, R, D] -> logits float64 [G, n].
 
-    Summed over d in a fixed order with elementwise ops so that equal summaries give bit-equal
-    logits (a GEMM may round its edge tiles differently).
+    Summed over d in order (a running sum, as a scan) so that equal summaries give bit-equal
+    logits (a GEMM may round its edge tiles differently). docs/decode.md ("Choices"): the logit of
+    query head i and block j is NaN when q_i or the block's summary holds any NaN or +-inf.
     """
-    G, D = q.shape
-    n = vecs.shape[0]
-    acc = torch.zeros(G, n, dtype=torch.float64)                 # [G, n]
-    for d in range(D):
-        qd = q[:, d:d + 1]                                       # [G, 1]
-        if kind == "mean":
-            acc = acc + qd * vecs[:, 0, d][None, :]              # [G, n] q·c
-        else:
-            hi = qd * vecs[:, 0, d][None, :]                     # [G, n] q_d * hi_d
-            lo = qd * vecs[:, 1, d][None, :]                     # [G, n] q_d * lo_d
-            acc = acc + torch.maximum(hi, lo)                    # [G, n] sum_d max(q_d hi_d, q_d lo_d)
-    return acc * scale                                           # [G, n]
+    qe = q[:, None, :]                                           # [G, 1, D]
+    if kind == "mean":
+        terms = qe * vecs[None, :, 0, :]                         # [G, n, D] q_d c_d
+    else:
+        terms = torch.maximum(qe * vecs[None, :, 0, :],          # [G, n, D] max(q_d hi_d, q_d lo_d)
+                              qe * vecs[None, :, 1, :])
+    acc = terms.cumsum(dim=-1)[..., -1]                          # [G, n] sum over d = 0, 1, ...
+    q_ok = torch.isfinite(q).all(dim=1)                          # [G]
+    block_ok = torch.isfinite(vecs).flatten(1).all(dim=1)        # [n]
+    ok = q_ok[:, None] & block_ok[None, :]                       # [G, n]
+    return torch.where(ok, acc * scale, math.nan)                # [G, n]
 
 
 def group_scores(logits: torch.Tensor, group_reduce: str) -> torch.Tensor:
-    """logits float64 [G, c] over the candidates -> group score float64 [c]."""
+    """logits float64 [G, c] over the candidates (finite or NaN) -> group score float64 [c].
+
+    NaN logits rank below every number: "max" treats them as -inf (a candidate whose logits are
+    all NaN scores -inf); in "softmax_sum" they weigh 0 and a head without a finite logit adds
+    nothing.
+    """
+    nan = torch.isnan(logits)                                    # [G, c]
     if group_reduce == "max":
-        out = logits[0]                                          # [c]
-        for i in range(1, logits.shape[0]):
-            out = torch.maximum(out, logits[i])                  # [c] max over query heads
+        ranked = torch.where(nan, -math.inf, logits)             # [G, c]
+        out = ranked[0]                                          # [c]
+        for i in range(1, ranked.shape[0]):
+            out = torch.maximum(out, ranked[i])                  # [c] max over query heads
         return out
     if group_reduce == "softmax_sum":
         out = torch.zeros(logits.shape[1], dtype=torch.float64)  # [c]
         for i in range(logits.shape[0]):
-            e = _exp_consistent(logits[i] - logits[i].max())     # [c] stable exponentials
+            if nan[i].all():
+                continue                                         # no finite logit: adds nothing
+            row = logits[i][~nan[i]]                             # [c_i] the finite logits
+            e = torch.zeros_like(logits[i])                      # [c] NaN logits weigh 0
+            e[~nan[i]] = _exp_consistent(row - row.max())        # [c_i] stable exponentials
             out = out + e / e.sum()                              # [c] softmax of head i over candidates
         return out
     raise ValueError(group_reduce)
 
 
 def top_k_lower_index(scores: torch.Tensor, k: int) -> List[int]:
-    """Positions of the k highest scores; equal scores prefer the lower position."""
+    """Positions of the k highest scores; equal scores (several -inf included) prefer the lower
+    position."""
     order = torch.sort(scores, descending=True, stable=True).indices  # [c] stable: ties keep order
     return sorted(order[:k].tolist())
 
@@ -390,9 +420,13 @@ def attention_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     if k64.shape[0] == 0:
         return torch.zeros(G, D, dtype=torch.float64), torch.full((G,), -math.inf, dtype=torch.float64)
     logits = scale * (q64 @ k64.T)                               # [G, T]
-    lse = torch.logsumexp(logits, dim=-1)                        # [G] natural log
-    p = torch.exp(logits - lse[:, None])                         # [G, T] softmax
-    return p @ v64, lse                                          # [G, D], [G]
+    # Max-subtracted softmax written out, so that NaN and +-inf follow IEEE arithmetic
+    # (docs/decode.md, "Choices"): a NaN or +inf logit, or logits all -inf, give NaN out and lse.
+    peak = logits.amax(dim=-1, keepdim=True)                     # [G, 1] NaN if any logit is NaN
+    w = torch.exp(logits - peak)                                 # [G, T] unnormalised weights
+    total = w.sum(dim=-1)                                        # [G]
+    lse = peak[:, 0] + torch.log(total)                          # [G] natural log
+    return (w @ v64) / total[:, None], lse                       # [G, D], [G]
 
 
 def masked_attention(q, k_cache, v_cache, page_table, seq_lens, masks, scale=None):
@@ -460,11 +494,10 @@ def sparse_decode_blockwise(q, k_cache, v_cache, page_table, seq_lens, block_siz
             n = L // bs
             tokens = [t for j in lists[b][h] for t in range(j * bs, (j + 1) * bs)]
             tokens += list(range(n * bs, L))                     # partial tail
-            pages = [int(page_table[b, t // P]) for t in tokens]
-            kh = torch.stack([k_cache[p, t % P, h] for p, t in zip(pages, tokens)]) if tokens \
-                else k_cache.new_zeros(0, D)                     # [T, D]
-            vh = torch.stack([v_cache[p, t % P, h] for p, t in zip(pages, tokens)]) if tokens \
-                else v_cache.new_zeros(0, D)                     # [T, D]
+            t = torch.tensor(tokens, dtype=torch.long)           # [T] token positions
+            pages = page_table[b].to(torch.long)[t // P]         # [T] page of every token
+            kh = k_cache[pages, t % P, h]                        # [T, D]
+            vh = v_cache[pages, t % P, h]                        # [T, D]
             o, l = attention_one(q[b, h * G:(h + 1) * G], kh, vh, s)  # [G, D], [G]
             out[b, h * G:(h + 1) * G] = o
             lse[b, h * G:(h + 1) * G] = l

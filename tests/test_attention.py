@@ -4,6 +4,7 @@ Every case poisons the cache outside tokens [0, L_b) with NaN (unused pool pages
 each sequence's last page), and unused page-table entries hold -1 or garbage, so an
 implementation that reads them produces NaN (caught by the NaN-position check) or crashes.
 """
+import math
 
 import pytest
 import torch
@@ -346,3 +347,41 @@ def test_shared_prefix_pages(ab):
                                  ref.RefLayout(list(case.block_sizes), case.page_size, "cuboid",
                                                "bf16"), torch.zeros_like(s))
     assert_bitwise_equal(s, rs, "summaries of shared pages")
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_nonfinite_inputs_propagate_per_ieee(ab, value):
+    """docs/decode.md ("NaN and ±inf"): a non-finite value in q, k or v reaches exactly the
+    outputs of the query heads that meet it, as in the float64 max-subtracted softmax of the
+    reference (positions of NaN/±inf must match, finite values within tolerance).
+    Sequence 0: one element of query head 1; 1: one key element (KV head 1); 2: one value element
+    (KV head 0); 3: channel 0 of every key of KV head 0, met by positive queries (all logits of
+    heads 0-1 non-finite: NaN, +inf, or all -inf)."""
+    case = _edge_case(dtype=torch.float32, seq_lens=(90, 90, 90, 90), page_size=32,
+                      block_sizes=(16, 16))
+    inp = make_inputs(case)
+    P = case.page_size
+    at = lambda b, t: (int(inp.page_table[b, t // P]), t % P)    # (page, offset) of token t
+    inp.q[0, 1, 5] = value
+    inp.k_cache[at(1, 37)][1, 3] = value
+    inp.v_cache[at(2, 50)][0, 7] = value
+    inp.q[3, 0:2, 0] = 1.0
+    for t in range(90):
+        inp.k_cache[at(3, t)][0, 0] = value
+    idx, cnt = random_block_lists(case, 0, 8, fill="all")        # every token is attended
+    vmax = value_max(inp.v_cache)
+    r_out, r_lse = ref.dense_decode(inp.q, inp.k_cache, inp.v_cache, inp.page_table, inp.seq_lens)
+    for out, lse in (ab.dense_decode(inp.q, inp.k_cache, inp.v_cache, inp.page_table,
+                                     inp.seq_lens, return_lse=True),
+                     _sparse(ab, inp, case, idx, cnt, return_lse=True)):
+        assert_out_close(out, r_out, case.dtype, vmax)
+        assert_lse_close(lse, r_lse)
+        bad = ~torch.isfinite(out)                               # [B, Hq, D]
+        # Only the heads that meet the value: q head 1 of sequence 0 (its whole row), the heads
+        # of KV head 1 in sequence 1 when their logit is not -inf, column 7 of KV head 0's heads in
+        # sequence 2, and heads 0-1 of sequence 3 (whole rows, lse NaN).
+        assert bad[0, 1].all() and torch.isnan(lse[0, 1]) and not bad[0, [0, 2, 3]].any()
+        assert not bad[1, :2].any()
+        assert bad[2, :2, 7].all() and not bad[2, :2, :7].any() and not bad[2, 2:].any()
+        assert bad[3, :2].all() and torch.isnan(lse[3, :2]).all() and not bad[3, 2:].any()
+        assert torch.isfinite(lse[2]).all()

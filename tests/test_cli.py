@@ -36,6 +36,23 @@ def test_tiny_run_writes_layout_table_and_plots(tmp_path, capsys):
     assert {r["method"] for r in rows} == {"dense", "quest", "ab-quest", "ab-quest-int4c"}
     assert all("nll" in r for r in rows if r["task"] == "ppl")
     assert (out / "accuracy_vs_budget.png").read_bytes()[:4] == b"\x89PNG"
+    # The per-task table is the records': one passkey sample (score 0 or 1) and one ppl document
+    # per method, so its row is | method | budget | 100 x score | nll sum / tokens |.
+    lines = table.splitlines()
+    for m in ("dense", "quest", "ab-quest", "ab-quest-int4c"):
+        (key,) = [r for r in rows if r["method"] == m and r["task"] == "passkey"]
+        (doc,) = [r for r in rows if r["method"] == m and r["task"] == "ppl"]
+        assert key["score"] in (0.0, 1.0) and doc["tokens"] > 0 and 0 < doc["nll"] < 1e4
+        budget = "-" if m == "dense" else "128"
+        row = f"| {m} | {budget} | {100 * key['score']:.1f} | {doc['nll'] / doc['tokens']:.3f} |"
+        assert row in lines, row
+    # Selection disagreement (only the int4c method is measured, against fp32 summaries): a share
+    # of the selected blocks, in [0, 100] %.
+    section = table.split("## Selection disagreement")[1].split("## Goal")[0].splitlines()
+    assert [l.split(" |")[0] for l in section if l.startswith("| ") and "---" not in l] == \
+        ["| method", "| ab-quest-int4c"]
+    (row,) = [l for l in section if l.startswith("| ab-quest-int4c |")]
+    assert 0.0 <= float(row.split("|")[2]) <= 100.0, row
 
 
 def test_cli_rejects_bad_method():

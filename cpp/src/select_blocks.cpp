@@ -60,11 +60,23 @@ int64_t required_max_blocks(const LayerLayout& layout, const int32_t* seq_lens, 
 
 namespace {
 
+template <typename T>
+bool all_finite(const T* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (!std::isfinite(x[i])) return false;
+  }
+  return true;
+}
+
 // Block logit s * score(q, summary) from dequantized summary vectors (float64 arithmetic).
 //   mean:        q · c
 //   minmax/cub.: sum_d max(q_d * hi_d, q_d * lo_d)
-double block_logit(SummaryKind kind, const double* q, const float* vectors, int32_t dim,
-                   double scale) {
+// NaN when q or a summary value is NaN or +-inf (docs/decode.md, "Choices"): the finite-input
+// arithmetic below would otherwise turn inf into +-inf logits (ranked first) and drop NaN
+// products depending on their side (std::max(a, NaN) is a, std::max(NaN, a) is NaN).
+double block_logit(SummaryKind kind, const double* q, bool q_finite, const float* vectors,
+                   bool vectors_finite, int32_t dim, double scale) {
+  if (!q_finite || !vectors_finite) return std::numeric_limits<double>::quiet_NaN();
   double acc = 0.0;
   if (kind == SummaryKind::kMean) {
     for (int32_t d = 0; d < dim; ++d) acc += q[d] * vectors[d];
@@ -76,7 +88,7 @@ double block_logit(SummaryKind kind, const double* q, const float* vectors, int3
   return scale * acc;
 }
 
-// NaN logits (from NaN queries or keys) rank below every number, keeping the sort well defined.
+// NaN logits rank below every number (as -inf), keeping the sort well defined.
 double rank_key(double x) { return std::isnan(x) ? -std::numeric_limits<double>::infinity() : x; }
 
 }  // namespace
@@ -93,6 +105,7 @@ void select_blocks_cpu(const SelectBlocksParams& p) {
   const SummaryCacheView& s = p.summaries;
 
   std::vector<double> queries(static_cast<size_t>(group) * dim);  // [G, D]
+  std::vector<char> query_finite(group);                           // [G]
   std::vector<float> vectors(static_cast<size_t>(num_vectors) * dim);
   std::vector<double> logits;     // [G, candidates]
   std::vector<double> scores;     // [candidates]
@@ -121,6 +134,7 @@ void select_blocks_cpu(const SelectBlocksParams& p) {
           for (int32_t d = 0; d < dim; ++d) {
             queries[static_cast<size_t>(i) * dim + d] = load_float(p.q, q_at + d, p.dtype);
           }
+          query_finite[i] = all_finite(queries.data() + static_cast<size_t>(i) * dim, dim);
         }
         logits.assign(static_cast<size_t>(group) * num_cand, 0.0);
         const float* channel_scale = s.channel_scale ? s.channel_scale + h * s.channel_stride_head
@@ -142,20 +156,24 @@ void select_blocks_cpu(const SelectBlocksParams& p) {
                               vector_scale, channel_scale, channel_zero,
                               vectors.data() + static_cast<size_t>(r) * dim);
           }
+          const bool vectors_finite = all_finite(vectors.data(), int64_t{num_vectors} * dim);
           for (int32_t i = 0; i < group; ++i) {
-            logits[i * num_cand + c] = block_logit(
-                layout.kind(), queries.data() + static_cast<size_t>(i) * dim, vectors.data(), dim,
-                p.scale);
+            logits[i * num_cand + c] =
+                block_logit(layout.kind(), queries.data() + static_cast<size_t>(i) * dim,
+                            query_finite[i], vectors.data(), vectors_finite, dim, p.scale);
           }
         }
         scores.assign(num_cand, 0.0);
         if (p.group_reduce == GroupReduce::kMax) {
           for (int64_t c = 0; c < num_cand; ++c) {
             double best = -std::numeric_limits<double>::infinity();
-            for (int32_t i = 0; i < group; ++i) best = std::max(best, rank_key(logits[i * num_cand + c]));
+            for (int32_t i = 0; i < group; ++i) {
+              best = std::max(best, rank_key(logits[i * num_cand + c]));  // all NaN: -inf
+            }
             scores[c] = best;
           }
         } else {  // softmax_sum: sum over the group of each head's softmax over the candidates
+          // (a NaN logit weighs exp(-inf) = 0; a head without a finite logit adds nothing)
           for (int32_t i = 0; i < group; ++i) {
             const double* row = logits.data() + static_cast<size_t>(i) * num_cand;
             double peak = -std::numeric_limits<double>::infinity();

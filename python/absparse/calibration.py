@@ -104,8 +104,10 @@ def head_recall(q: torch.Tensor, k: torch.Tensor, positions, token_budget: Union
     >>> q = torch.randn(4, 4, 64, generator=g)
     >>> positions = torch.tensor([255, 300, 450, 511], dtype=torch.int32)
     >>> r = head_recall(q, k, positions, token_budget=128, candidates=[8, 32])
-    >>> r.shape, r.dtype, bool(((r > 0) & (r <= 1)).all())
-    (torch.Size([2, 2]), torch.float64, True)
+    >>> r.shape, r.dtype
+    (torch.Size([2, 2]), torch.float64)
+    >>> r.round(decimals=3).tolist()   # random keys: about the attended share of the tokens
+    [[0.385, 0.331], [0.372, 0.335]]
     >>> head_recall(q, k, positions, token_budget=512, candidates=[8, 32]).tolist()
     [[1.0, 1.0], [1.0, 1.0]]
     """
