@@ -182,8 +182,9 @@ def _evaluate(args, model, tok, src, cal, out: Path, command: str, started: floa
               calibrated_here: bool):
     from . import __version__
     from .calibrate import budget_key
-    from .evaluate import (evaluate, num_runs, parse_method, plot_accuracy, plot_block_sizes,
+    from .evaluate import (eval_work, evaluate, parse_method, plot_accuracy, plot_block_sizes,
                            write_report)
+    from .progress import WorkProgress
     from .tasks import eval_suite
 
     out.mkdir(parents=True, exist_ok=True)
@@ -195,8 +196,8 @@ def _evaluate(args, model, tok, src, cal, out: Path, command: str, started: floa
                          fillers=[f for f in args.fillers.split(",") if f])
     budgets = _budgets(args.budgets)
     methods = [m for m in args.methods.split(",") if m]
-    bar = _progress(num_runs(len(samples), args.batch_size, budgets, methods), "evaluate",
-                    args.no_progress)
+    work = eval_work(tok, samples, budgets, methods, args.batch_size)
+    bar = WorkProgress(work["prefill"], work["decode"], "evaluate", disable=args.no_progress)
     res = evaluate(model, tok, samples, cal, budgets, methods, args.avg_block_size,
                    args.sink_tokens, args.local_tokens, args.group_reduce, args.batch_size,
                    progress=bar)
