@@ -1,5 +1,6 @@
 """The runnable examples in the Python docstrings are checked here (they are part of the docs)."""
 import doctest
+from pathlib import Path
 
 import pytest
 
@@ -24,3 +25,21 @@ def test_demo_runs(capsys):
                       "--kv-heads", "2", "--head-dim", "64", "--budget", "128"]) == 0
     out = capsys.readouterr().out
     assert "relative L2 error" in out and "KV bytes read" in out
+
+
+def _readme_python_example():
+    """The code block of README.md's "## Python example" and the README text after it."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Python example", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    return code, section.split("```python\n", 1)[1].split("```", 1)[1]
+
+
+def test_readme_python_example(capsys):
+    """The example runs and prints what the README says it prints."""
+    code, text = _readme_python_example()
+    exec(compile(code, "README.md (Python example)", "exec"), {})
+    printed = " ".join(capsys.readouterr().out.split())
+    assert printed, "the README example prints nothing"
+    assert f"It prints `{printed}`" in " ".join(text.split()), (
+        f"README.md quotes another output than the example prints: {printed}")
