@@ -85,8 +85,10 @@ NO_CUDA_TOOLKIT = "-DCMAKE_DISABLE_FIND_PACKAGE_CUDAToolkit=ON"
 
 
 def _package_has_cuda(prefix: Path) -> bool:
-    """Whether the installed CMake package has the `cuda` component (absparse built with CUDA)."""
-    return (prefix / "lib" / "cmake" / "absparse" / "absparseCudaTargets.cmake").is_file()
+    """Whether the installed CMake package has the `cuda` component (absparse built with CUDA), as
+    its config file says (a stale absparseCudaTargets.cmake of an earlier install does not count)."""
+    config = (prefix / "lib" / "cmake" / "absparse" / "absparseConfig.cmake").read_text()
+    return re.search(r"^set\(absparse_WITH_CUDA ON\)$", config, re.M) is not None
 
 
 def _words(text: str) -> str:
