@@ -21,10 +21,8 @@ EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7
 TINY = {torch.float32: 2.0**-149, torch.float16: 2.0**-24, torch.bfloat16: 2.0**-133}
 LSE_ATOL = 1e-5  # lse is float32 of a float64 value: ~1 ulp at |lse| <= 40 is 4e-6
 
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "full: slower, wider seeded sweeps (run with -m full)")
-    config.addinivalue_line("markers", "gpu: needs a CUDA device")
+# Markers (full, gpu) are declared once, in pyproject.toml [tool.pytest.ini_options]: `full` cases
+# run by default (CI included); -m "not full" skips them.
 
 
 @pytest.fixture(scope="session")

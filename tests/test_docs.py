@@ -2,6 +2,7 @@
 demo prints are checked here."""
 import doctest
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,3 +64,21 @@ def test_demo_figures_match_the_reference(capsys):
     read, total = num(r"KV bytes read: ([\d,]+) of ([\d,]+)")
     assert (read, total) == (attended * 64 * 2 * 2 + summaries, sum(lens) * 2 * 64 * 2 * 2)
     assert read < total
+
+
+def _readme_python_example():
+    """The code block of README.md's "## Python example" and the README text after it."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Python example", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    return code, section.split("```python\n", 1)[1].split("```", 1)[1]
+
+
+def test_readme_python_example(capsys):
+    """The example runs and prints what the README says it prints."""
+    code, text = _readme_python_example()
+    exec(compile(code, "README.md (Python example)", "exec"), {})
+    printed = " ".join(capsys.readouterr().out.split())
+    assert printed, "the README example prints nothing"
+    assert f"It prints `{printed}`" in " ".join(text.split()), (
+        f"README.md quotes another output than the example prints: {printed}")

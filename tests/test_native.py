@@ -2,7 +2,14 @@
 host-overhead script.
 
 - test_cpp_consumer: tests/cpp_consumer is configured against the installed absparse
-  (find_package(absparse 0.1) with CMAKE_PREFIX_PATH = absparse.cmake_prefix_path), built and run.
+  (find_package(absparse 0.1) with CMAKE_PREFIX_PATH = absparse.cmake_prefix_path) with CMake's
+  CUDAToolkit search disabled, built and run: the CPU API must not need the CUDA toolkit, even
+  when the installed absparse has the CUDA kernels.
+- test_cpp_consumer_cuda: the same project with find_package(absparse COMPONENTS cuda), building
+  and running consumer_cuda (host-side calls into absparse::absparse_cuda, no GPU needed); skipped
+  without nvcc. Against an absparse built without CUDA, configuring must fail and say so.
+- test_cuda_component_needs_toolkit: COMPONENTS cuda with the CUDAToolkit search disabled fails
+  with a message naming the toolkit; OPTIONAL_COMPONENTS cuda still finds absparse::absparse.
 - test_benchmark_smoke: the top-level project is configured with the benchmarks on and no Python
   extension; absparse_bench_cpu runs every benchmark once (--benchmark_dry_run on google-benchmark
   versions that have it, else one iteration each through --benchmark_min_time).
@@ -74,18 +81,89 @@ def _absparse_cmake_prefix():
     return installed
 
 
+NO_CUDA_TOOLKIT = "-DCMAKE_DISABLE_FIND_PACKAGE_CUDAToolkit=ON"
+
+
+def _package_has_cuda(prefix: Path) -> bool:
+    """Whether the installed CMake package has the `cuda` component (absparse built with CUDA), as
+    its config file says (a stale absparseCudaTargets.cmake of an earlier install does not count)."""
+    config = (prefix / "lib" / "cmake" / "absparse" / "absparseConfig.cmake").read_text()
+    return re.search(r"^set\(absparse_WITH_CUDA ON\)$", config, re.M) is not None
+
+
+def _words(text: str) -> str:
+    """text with CMake's line wrapping undone (runs of white space -> one space)."""
+    return " ".join(text.split())
+
+
+def _have_nvcc() -> bool:
+    cuda_home = os.environ.get("CUDA_PATH") or os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+    return shutil.which("nvcc") is not None or Path(cuda_home, "bin", "nvcc").is_file()
+
+
+def _configure_consumer(cmake_tools, prefix, build, *extra):
+    return _run(["cmake", "-S", REPO / "tests" / "cpp_consumer", "-B", build, *cmake_tools,
+                 f"-DCMAKE_PREFIX_PATH={prefix}", *extra], timeout=180)
+
+
+def _build_and_run(build, target, expect):
+    _check(_run(["cmake", "--build", build, "--target", target, "-j", JOBS], timeout=300),
+           f"building {target}")
+    exe = next(p for p in (build / target, build / "Release" / target) if p.exists())
+    proc = _run([exe], timeout=60)
+    assert proc.returncode == 0, f"{target} exit {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    assert expect in proc.stdout, proc.stdout
+
+
 def test_cpp_consumer(cmake_tools, tmp_path):
     prefix = _absparse_cmake_prefix()
     build = tmp_path / "consumer"
-    proc = _run(["cmake", "-S", REPO / "tests" / "cpp_consumer", "-B", build, *cmake_tools,
-                 f"-DCMAKE_PREFIX_PATH={prefix}"], timeout=180)
-    _check(proc, "configuring tests/cpp_consumer")
+    proc = _configure_consumer(cmake_tools, prefix, build, NO_CUDA_TOOLKIT)
+    _check(proc, "configuring tests/cpp_consumer without the CUDA toolkit")
     assert "absparse_consumer: found absparse" in proc.stdout
-    _check(_run(["cmake", "--build", build, "-j", JOBS], timeout=300), "building the consumer")
-    exe = next(p for p in (build / "consumer", build / "Release" / "consumer") if p.exists())
-    proc = _run([exe], timeout=60)
-    assert proc.returncode == 0, f"consumer exit {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
-    assert "absparse consumer OK" in proc.stdout, proc.stdout
+    _build_and_run(build, "consumer", "absparse consumer OK")
+
+
+def test_cpp_consumer_cuda(cmake_tools, tmp_path):
+    prefix = _absparse_cmake_prefix()
+    build = tmp_path / "consumer_cuda"
+    if not _package_has_cuda(prefix):
+        proc = _configure_consumer(cmake_tools, prefix, build, "-DCONSUMER_CUDA=ON")
+        assert proc.returncode != 0, "COMPONENTS cuda was found in an absparse built without CUDA"
+        assert "this absparse was built without the CUDA kernels" in _words(proc.stderr), \
+            proc.stderr
+        return
+    if not _have_nvcc():
+        pytest.skip("nvcc not found (PATH, $CUDA_PATH, /usr/local/cuda): no CUDA toolkit to link "
+                    "absparse::absparse_cuda against")
+    proc = _configure_consumer(cmake_tools, prefix, build, "-DCONSUMER_CUDA=ON")
+    _check(proc, "configuring tests/cpp_consumer with COMPONENTS cuda")
+    assert "built with CUDA: ON" in proc.stdout, proc.stdout
+    _build_and_run(build, "consumer_cuda", "absparse CUDA consumer OK")
+
+
+def test_cuda_component_needs_toolkit(cmake_tools, tmp_path):
+    prefix = _absparse_cmake_prefix()
+    if not _package_has_cuda(prefix):
+        pytest.skip("absparse was built without CUDA (test_cpp_consumer_cuda checks that case)")
+    proc = _configure_consumer(cmake_tools, prefix, tmp_path / "required", "-DCONSUMER_CUDA=ON",
+                               NO_CUDA_TOOLKIT)
+    assert proc.returncode != 0, "COMPONENTS cuda was found without the CUDA toolkit"
+    assert "component 'cuda' is not available: the CUDA toolkit" in _words(proc.stderr), \
+        proc.stderr
+    project = tmp_path / "optional_project"
+    project.mkdir()
+    (project / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.18)\n"
+        "project(optional_cuda LANGUAGES CXX)\n"
+        "find_package(absparse 0.1 REQUIRED OPTIONAL_COMPONENTS cuda)\n"
+        "if(NOT TARGET absparse::absparse OR absparse_cuda_FOUND\n"
+        "   OR TARGET absparse::absparse_cuda)\n"
+        "  message(FATAL_ERROR \"unexpected: cuda found ${absparse_cuda_FOUND}\")\n"
+        "endif()\n")
+    proc = _run(["cmake", "-S", project, "-B", tmp_path / "optional", *cmake_tools,
+                 f"-DCMAKE_PREFIX_PATH={prefix}", NO_CUDA_TOOLKIT], timeout=180)
+    _check(proc, "configuring a project with OPTIONAL_COMPONENTS cuda without the CUDA toolkit")
 
 
 @pytest.fixture(scope="session")

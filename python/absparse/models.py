@@ -51,7 +51,7 @@ def embedded_gguf() -> Optional[Path]:
 
 def have_eval_dependencies() -> Optional[str]:
     """None when the evaluation stack can run, else the reason it cannot."""
-    for mod in ("transformers", "gguf", "accelerate"):
+    for mod in ("transformers", "gguf", "accelerate", "tqdm", "matplotlib"):
         if importlib.util.find_spec(mod) is None:
             return f"{mod} is not installed (pip install -r requirements-eval.txt)"
     return None
