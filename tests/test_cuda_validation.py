@@ -175,6 +175,16 @@ def test_valid_calls_reach_the_device():
             _call_binding(ab, op, a, max_blocks=64)
 
 
+def test_select_names_q_for_a_head_dim_that_does_not_match_the_summaries():
+    """A query of the wrong head dim is q's error, not the summaries' (issue 10, item 5)."""
+    ab, a = _base()
+    a["q"] = torch.randn(a["q"].shape[0], a["q"].shape[1], 32).half()
+    with pytest.raises(ValueError, match=r"select_blocks: q\.shape\[2\]: expected the head dim of "
+                                         r"the summaries .* got 32"):
+        ab.select_blocks(a["q"], a["summaries"], a["scales"], a["page_table"], a["seq_lens"],
+                         a["layout"], 32)
+
+
 def test_messages_name_no_build_path():
     ab, a = _base()
     a["q"] = a["q"][:, :3]
