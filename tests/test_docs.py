@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import absparse
-import absparse.calibration
+import absparse.allocation
 import absparse.layout
 import absparse.ops
 import reference as ref
 
 
-@pytest.mark.parametrize("module", [absparse.calibration, absparse.layout, absparse.ops], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [absparse.allocation, absparse.layout, absparse.ops], ids=lambda m: m.__name__)
 def test_docstring_examples(module, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     globs = {"torch": torch, **{n: getattr(absparse, n) for n in absparse.__all__}}
@@ -29,7 +29,7 @@ def test_demo_figures_match_the_reference(capsys):
     (drawn as main() draws them; fp32 summaries, so the selection is exactly the reference's).
     Basis: out is bf16 = the float64 result rounded once, lse float32 (~1e-6); the figures are
     printed with 4 decimals, hence 2e-4."""
-    from absparse import demo
+    from absparse.eval import demo
 
     args = dict(batch=2, min_len=100, max_len=700, q_heads=4, kv_heads=2, head_dim=64,
                 budget=128, page_size=64, seed=3)

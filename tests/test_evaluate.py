@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from absparse.models import have_eval_dependencies
+from absparse.eval.models import have_eval_dependencies
 
 _missing = have_eval_dependencies()
 pytestmark = pytest.mark.skipif(_missing is not None, reason=f"evaluation stack: {_missing}")
@@ -26,7 +26,7 @@ def _rows(method, budget, passkey, vartrack, ppl=((6.0, 4), (2.0, 12))):
 
 @pytest.fixture()
 def result():
-    from absparse.evaluate import EvalResult
+    from absparse.eval.evaluation import EvalResult
 
     records = (_rows("dense", None, [1.0, 1.0], [0.5])
                + _rows("quest", "128", [1.0, 0.0], [0.0], ppl=((8.0, 4), (8.0, 12)))
@@ -86,7 +86,7 @@ def test_compare_pairs_and_goal(result):
 
 
 def test_report_figures(result, tmp_path):
-    from absparse.evaluate import write_report
+    from absparse.eval.evaluation import write_report
 
     text = write_report(result, tmp_path / "results.md")
     assert text == (tmp_path / "results.md").read_text()

@@ -10,7 +10,7 @@ import torch
 
 import absparse
 import reference as ref
-from absparse.models import embedded_gguf, have_eval_dependencies
+from absparse.eval.models import embedded_gguf, have_eval_dependencies
 from cases import sentinel_summary_cache
 from conftest import assert_out_close
 
@@ -30,7 +30,7 @@ PROMPTS = ["The capital of France is",
 
 @pytest.fixture(scope="module")
 def lm():
-    from absparse.models import load_model
+    from absparse.eval.models import load_model
 
     torch.manual_seed(0)
     model, tok, _ = load_model(device="cpu")
@@ -110,7 +110,7 @@ def test_sparse_decode_path_runs_and_selects(lm):
 @needs_model
 def test_stacked_batch_of_different_lengths_matches_single(lm):
     """The evaluation path: prefill one by one, stack, decode with explicit position ids."""
-    from absparse.evaluate import _decode, _prefill
+    from absparse.eval.evaluation import _decode, _prefill
     from absparse.hf import AbsparseCache, register
 
     model, tok = lm
@@ -383,7 +383,7 @@ def test_any_llama_directory_loads_and_decodes(lm, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from absparse.hf import AbsparseCache
-    from absparse.models import load_model
+    from absparse.eval.models import load_model
 
     _, tok = lm
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from absparse import tasks
+from absparse.eval import tasks
 
 count = lambda s: len(s.split())          # stands in for a tokenizer's length
 EVAL_TASKS = ("passkey", "multikey", "vartrack")

@@ -7,7 +7,7 @@ describe per-head block sizes and summary storage.
 from pathlib import Path as _Path
 
 from . import _C
-from .calibration import (allocate_block_sizes, describe_layout, head_recall,
+from .allocation import (allocate_block_sizes, describe_layout, head_recall,
                           layout_from_allocation, uniform_block_sizes)
 from .layout import LayerLayout, ModelLayout
 from .ops import (default_max_blocks, dense_decode, dequantize, quantize, select_blocks,

@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from .calibrate import Calibration, budget_key
-from .layout import ModelLayout
+from ..layout import ModelLayout
+from .model_calibration import Calibration, budget_key
 from .tasks import Sample, score_output
 
 if TYPE_CHECKING:  # absparse.hf imports transformers: loaded only when a model runs
-    from .hf import AbsparseCache
+    from ..hf import AbsparseCache
 
 __all__ = ["MethodSpec", "parse_method", "DEFAULT_METHODS", "summary_kib_per_1k", "evaluate",
            "eval_work", "EvalResult", "write_report", "plot_accuracy", "plot_block_sizes"]
@@ -187,7 +187,7 @@ class EvalResult:
 
 def _prefill(model, ids: torch.Tensor, page_size: int) -> AbsparseCache:
     """Dense prefill of ``ids [1, T]`` into a fresh dense AbsparseCache."""
-    from .hf import AbsparseCache
+    from ..hf import AbsparseCache
 
     cache = AbsparseCache(model.config, None, page_size=page_size)
     with torch.no_grad():
@@ -258,7 +258,7 @@ def _prompt_ids(tokenizer, sample: Sample, ppl_tokens: int):
 def eval_work(tokenizer, samples: Sequence[Sample], budgets: Sequence, methods: Sequence[str],
               batch_size: int, ppl_tokens: int = 16) -> Dict[str, int]:
     """The work of :func:`evaluate` with these arguments in tokens, for
-    :class:`absparse.progress.WorkProgress`: ``prefill`` = prompt tokens prefilled (all but the
+    :class:`absparse.eval.progress.WorkProgress`: ``prefill`` = prompt tokens prefilled (all but the
     last of each prompt, once per sample); ``decode`` = rows x steps of every run (dense and each
     budget x method, per batch; a run stops early when every row has generated EOS)."""
     num_runs = 1 + len(budgets) * len(methods)
@@ -281,11 +281,11 @@ def evaluate(model, tokenizer, samples: Sequence[Sample], calibration: Calibrati
     """Evaluate ``dense`` and ``methods`` at every budget on ``samples`` (see module docstring).
 
     ``ppl_tokens``: teacher-forced tokens of each ppl continuation (its first ones).
-    ``progress``: optional :class:`absparse.progress.WorkProgress` (any object with
+    ``progress``: optional :class:`absparse.eval.progress.WorkProgress` (any object with
     ``advance(kind, tokens)``), told the tokens of every prefill and of every decode run, as
     counted by :func:`eval_work`.
     """
-    from .hf import AbsparseCache, register
+    from ..hf import AbsparseCache, register
 
     register()
     model.set_attn_implementation("absparse")

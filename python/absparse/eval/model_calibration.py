@@ -14,7 +14,7 @@
    ranges of each head's chosen block size: ``zero = min``, ``scale = (max - min) / (2^bits - 1)``
    (a constant channel gets a tiny positive scale).
 
-Calibration text comes from :func:`absparse.tasks.calibration_texts` (chronicle filler and seeds
+Calibration text comes from :func:`absparse.eval.tasks.calibration_texts` (chronicle filler and seeds
 disjoint from every evaluation sample).
 """
 from __future__ import annotations
@@ -28,9 +28,9 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from .calibration import (allocate_block_sizes, describe_layout, head_recall,
+from ..allocation import (allocate_block_sizes, describe_layout, head_recall,
                           layout_from_allocation, uniform_block_sizes)
-from .layout import ModelLayout
+from ..layout import ModelLayout
 
 __all__ = ["Calibration", "capture_qk", "probe_positions", "calibrate", "budget_key",
            "parse_budget", "SUMMARIES", "FORMAT_BITS"]

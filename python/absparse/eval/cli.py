@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from .cli_args import (CliError, check_args, check_environment, check_layouts, dense_indices,
+from .arguments import (CliError, check_args, check_environment, check_layouts, dense_indices,
                        load_calibration, make_out, parser, placeholder_calibration,
                        report_errors)
 
@@ -74,7 +74,7 @@ def _load(args):
 def _calibrate(args, model, tok, src, out: Path):
     from tqdm.auto import tqdm
 
-    from .calibrate import calibrate
+    from .model_calibration import calibrate
 
     out.mkdir(parents=True, exist_ok=True)
     budgets = args.budgets_list
@@ -99,9 +99,9 @@ def _calibrate(args, model, tok, src, out: Path):
 
 def _evaluate(args, model, tok, src, cal, out: Path, command: str, started: float,
               calibrated_here: bool):
-    from . import __version__
-    from .calibrate import budget_key
-    from .evaluate import (eval_work, evaluate, parse_method, plot_accuracy, plot_block_sizes,
+    from .. import __version__
+    from .model_calibration import budget_key
+    from .evaluation import (eval_work, evaluate, parse_method, plot_accuracy, plot_block_sizes,
                            write_report)
     from .progress import WorkProgress
     from .tasks import eval_suite

@@ -1,6 +1,6 @@
 """Progress of the evaluation, weighted by its work: prefill tokens and decode tokens.
 
-:func:`absparse.evaluate.evaluate` does two kinds of work with very different speeds: the dense
+:func:`absparse.eval.evaluation.evaluate` does two kinds of work with very different speeds: the dense
 prefill of every batch (once per batch, thousands of tokens in one forward pass) and the decode
 runs (per batch, for dense and every method x budget: the cache is stacked, then ``steps`` forward
 passes of ``rows`` tokens each). Counting runs (the old bar) charges a whole batch's prefill to

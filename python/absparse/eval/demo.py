@@ -1,6 +1,6 @@
 """A demo of the decode pipeline on generated data: error vs dense attention and KV bytes read.
 
-    python -m absparse.demo        (or: absparse demo)
+    python -m absparse.eval.demo        (or: absparse demo)
 
 Keys have the locality of real ones: runs of 16-128 consecutive tokens share a "topic" direction,
 plus per-token noise. Each query points at a few random "needle" tokens, so attention
@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from .layout import LayerLayout
-from .ops import dense_decode, select_blocks, sparse_decode, update_centroids
+from ..layout import LayerLayout
+from ..ops import dense_decode, select_blocks, sparse_decode, update_centroids
 
 
 def make_batch(seq_lens, num_q_heads, num_kv_heads, head_dim, page_size, dtype, generator,
@@ -63,7 +63,7 @@ def make_batch(seq_lens, num_q_heads, num_kv_heads, head_dim, page_size, dtype, 
 
 
 def _parser():
-    from .cli_args import ArgumentParser
+    from .arguments import ArgumentParser
 
     paragraphs = __doc__.strip().split("\n\n")   # [title, usage, data, ...]
     p = ArgumentParser(prog="absparse demo",
@@ -106,7 +106,7 @@ How to read the output:
 
 
 def _check(args) -> None:
-    from .cli_args import CliError
+    from .arguments import CliError
 
     for name in ("batch", "min_len", "q_heads", "kv_heads", "head_dim"):
         if getattr(args, name) < 1:
@@ -125,7 +125,7 @@ def _check(args) -> None:
 
 
 def main(argv=None) -> int:
-    from .cli_args import report_errors
+    from .arguments import report_errors
 
     try:
         args = _parser().parse_args(argv)
@@ -139,7 +139,7 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _run(args) -> int:
-    from .cli_args import CliError
+    from .arguments import CliError
 
     _check(args)
     try:

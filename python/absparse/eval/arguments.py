@@ -1,4 +1,4 @@
-"""Arguments of the ``absparse`` command (:mod:`absparse.cli`): the parser, its help format, and
+"""Arguments of the ``absparse`` command (:mod:`absparse.eval.cli`): the parser, its help format, and
 the checks that run before anything is loaded, so that a bad argument costs no model loading.
 
 Expected failures raise :class:`CliError`; :func:`report_errors` prints them as one line.
@@ -104,7 +104,7 @@ def _floats(text: str, flag: str = "") -> List[float]:
 
 
 def _budgets(text: str):
-    from .calibrate import parse_budget
+    from .model_calibration import parse_budget
 
     out = []
     for x in _items(text):
@@ -178,7 +178,7 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    from .evaluate import DEFAULT_METHODS
+    from .evaluation import DEFAULT_METHODS
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--lengths", default=DEFAULTS["lengths"],
@@ -199,7 +199,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    help="tokens per perplexity document (default: the longest of --lengths)")
     g.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help="methods compared with dense attention, comma separated, each "
-                        "[ab-]{quest|arkvale|mean}[-FORMAT][-mem][+dN] (see absparse.evaluate)")
+                        "[ab-]{quest|arkvale|mean}[-FORMAT][-mem][+dN] (see absparse.eval.evaluation)")
     g.add_argument("--batch-size", type=int, default=10, help="sequences decoded together")
 
 
@@ -312,7 +312,7 @@ def _check_at_least(args, minimum: int, *names: str) -> None:
 
 def dense_indices(args) -> List[int]:
     """Layer indices that some layout keeps dense (--dense-layers and the methods' +dN)."""
-    from .evaluate import parse_method
+    from .evaluation import parse_method
 
     out = list(getattr(args, "dense_layers_list", []))
     for m in getattr(args, "methods_list", []):
@@ -342,7 +342,7 @@ def check_args(args) -> None:
                            f"candidate ({biggest} tokens), got {args.calib_length}")
         args.dense_layers_list = _ints(args.dense_layers, "--dense-layers", 0)
     if args.cmd in ("eval", "run"):
-        from .evaluate import parse_method
+        from .evaluation import parse_method
 
         args.lengths_list = _ints(args.lengths, "--lengths", 1)
         args.tasks_list = _items(args.tasks)
@@ -398,7 +398,7 @@ def check_environment(args) -> None:
 
 
 def load_calibration(cal_dir: Path):
-    from .calibrate import Calibration
+    from .model_calibration import Calibration
 
     path = cal_dir / "calibration.pt"
     try:
@@ -413,7 +413,7 @@ def placeholder_calibration(args):
     every layout of `calibrate`/`run` before the real calibration exists."""
     import torch
 
-    from .calibrate import SUMMARIES, Calibration, budget_key
+    from .model_calibration import SUMMARIES, Calibration, budget_key
 
     layers = max(dense_indices(args), default=-1) + 2  # the last layer stays sparse
     c = len(args.candidates_list)
@@ -425,8 +425,8 @@ def placeholder_calibration(args):
 
 def check_layouts(args, cal) -> None:
     """Builds every layout the command will build (library checks: allocation, page size)."""
-    from .calibrate import budget_key
-    from .evaluate import parse_method
+    from .model_calibration import budget_key
+    from .evaluation import parse_method
 
     biggest = max(cal.candidates)
     if args.avg_block_size > biggest:
