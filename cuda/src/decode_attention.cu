@@ -629,26 +629,9 @@ void run_decode_attention(const DecodeAttentionParams& p) {
   });
 }
 
-int32_t attention_splits(const DecodeAttentionParams& p) {
-  check_decode_attention_cuda(p);
-  const int group = p.num_q_heads / p.geometry.num_kv_heads;
-  int32_t splits = 1;
-  ABSPARSE_DISPATCH_HALF("decode_attention_num_splits", "q", p.dtype, T, [&] {
-    ABSPARSE_DISPATCH_HEAD_DIM("decode_attention_num_splits", p.geometry.head_dim, kDim, [&] {
-      splits = group <= 8 ? plan_attention<T, kDim, 1>(p).splits
-                          : plan_attention<T, kDim, 2>(p).splits;
-    });
-  });
-  return splits;
-}
-
 }  // namespace absparse::cuda
 
 namespace absparse {
-
-int32_t decode_attention_num_splits(const DecodeAttentionParams& p) {
-  return cuda::attention_splits(p);
-}
 
 void decode_attention_cuda(const DecodeAttentionParams& p) { cuda::run_decode_attention(p); }
 

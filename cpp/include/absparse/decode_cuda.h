@@ -79,10 +79,8 @@ void select_blocks_cuda(const SelectBlocksParams& p, void* workspace);
 
 // sparse_decode / dense_decode on the GPU: one launch of clusters of S CTAs per (sequence, KV
 // head) that split the attended positions and merge their partial results through distributed
-// shared memory. No workspace. decode_attention_num_splits returns S for p (from capacities: the
-// page table and, sparse, max_blocks and the block sizes; it queries the device's largest
-// cluster once).
-int32_t decode_attention_num_splits(const DecodeAttentionParams& p);
+// shared memory. No workspace. S comes from capacities (the page table and, sparse, max_blocks and
+// the block sizes), never from run-time lengths.
 void decode_attention_cuda(const DecodeAttentionParams& p);
 
 // Makes `device` the current CUDA device for its lifetime (no-op when it already is).
