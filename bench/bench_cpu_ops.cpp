@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "absparse/absparse.h"
+#include "bench_rng.h"
 
 namespace {
 
@@ -69,22 +70,7 @@ const std::vector<LayoutSpec>& layout_specs() {
   return specs;
 }
 
-// splitmix64: fast, seedable, identical on every platform.
-class Rng {
- public:
-  explicit Rng(uint64_t seed) : state_(seed) {}
-  uint64_t next() {
-    uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-  // Uniform in (-2, 2), never 0: (u + 0.5) / 2^16 * 4 - 2 for a 16-bit u.
-  float uniform() { return (static_cast<float>(next() & 0xFFFF) + 0.5f) / 16384.0f - 2.0f; }
-
- private:
-  uint64_t state_;
-};
+using absparse_bench::Rng;
 
 void fill_bf16(std::vector<uint16_t>& x, Rng& rng) {
   for (auto& e : x) e = float_to_bf16(rng.uniform());

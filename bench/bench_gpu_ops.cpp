@@ -25,13 +25,13 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "absparse/absparse.h"
 #include "absparse/decode_cuda.h"
+#include "bench_rng.h"
 
 namespace {
 
@@ -72,26 +72,7 @@ struct DeviceBuffer {
   }
 };
 
-class Rng {  // splitmix64
- public:
-  explicit Rng(uint64_t seed) : state_(seed) {}
-  uint64_t next() {
-    uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-  // bfloat16 bits of a value uniform in (-2, 2), never 0.
-  uint16_t bf16() {
-    const float x = (static_cast<float>(next() & 0xFFFF) + 0.5f) / 16384.0f - 2.0f;
-    uint32_t u;
-    std::memcpy(&u, &x, 4);
-    return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-  }
-
- private:
-  uint64_t state_;
-};
+using absparse_bench::Rng;
 
 // Fills n bf16 values: a random 64 MiB pattern replicated on the device (fast to build; the L2
 // cannot hold it, so the repetition does not change what the kernels read from memory).
@@ -99,7 +80,7 @@ void fill_random(uint16_t* dst, size_t n, uint64_t seed) {
   const size_t pattern = std::min(n, size_t{32} << 20);
   std::vector<uint16_t> host(pattern);
   Rng rng(seed);
-  for (auto& e : host) e = rng.bf16();
+  for (auto& e : host) e = float_to_bf16(rng.uniform());
   check(cudaMemcpy(dst, host.data(), pattern * 2, cudaMemcpyHostToDevice), "fill");
   for (size_t at = pattern; at < n; at += pattern) {
     check(cudaMemcpy(dst + at, dst, std::min(pattern, n - at) * 2, cudaMemcpyDeviceToDevice),
