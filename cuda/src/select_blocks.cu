@@ -12,10 +12,11 @@
 //      (group_reduce max: an order-preserving key of the max over the group of the block logits,
 //      NaN -> -inf) or the G float logits (softmax_sum) to the workspace;
 //   3. signals arrival on the (b, h) counter (fence + atomic, like a split-K semaphore); the last
-//      CTA to arrive selects: an exact radix select of the k largest keys (11/11/10-bit digits,
-//      stopping as soon as the threshold digit holds exactly the keys still wanted), ties to the
-//      lower block index, an ordered compaction (warp ballots, one block scan), and writes
-//      sink ∪ selected ∪ local ascending, -1 padding and the count.
+//      CTA to arrive selects: an exact radix select of the k largest keys over the bits below the
+//      prefix all keys share (11-bit digits, shared-memory histograms, stopping as soon as the
+//      threshold digit holds exactly the keys still wanted), ties to the lower block index, an
+//      ordered compaction (one ballot per 32 candidates into bitmaps, two block scans per 16384
+//      candidates), and writes sink ∪ selected ∪ local ascending, -1 padding and the count.
 //
 // Two scorers share that frame:
 //   MmaScorer<D, bits> (16-byte aligned caches, every format except fp32 and the per-vector int8 /
@@ -51,6 +52,7 @@ constexpr int kDigitBits = 11;
 constexpr int kBins = 1 << kDigitBits;
 constexpr int kKeyCache = 16384;  // candidates whose keys the selecting CTA keeps in shared memory
 constexpr int kBatch = 8;         // keys per lane loaded together in the selection passes
+constexpr int kCompactWords = 512;  // compaction segment: 32 x 512 candidates, 2 words per thread
 constexpr int kGenericStageBytes = 32 * 1024;
 
 struct SelectArgs {
@@ -590,6 +592,8 @@ struct GenericScorer {
 struct SelectSmem {
   uint32_t hist[kBins];
   uint32_t keys[kKeyCache];
+  uint32_t greater_bits[kCompactWords];  // candidates above / at the threshold, one bit each
+  uint32_t equal_bits[kCompactWords];
   int32_t warp_a[kWarps], warp_b[kWarps];
   float warp_f[kWarps];
   uint32_t digit, above, equal;
@@ -643,21 +647,26 @@ __device__ void write_list(const SelectArgs& a, int b, int h, const DevicePlan& 
   }
 }
 
-// Exclusive scan of one int per warp (lane 0's value) over the CTA's warps; returns the sum of
-// the warps before `warp`, *total = the sum of all.
-__device__ int warp_prefix(int v, int32_t* slots, int* total) {
+// Exclusive scan over the CTA of one int per thread in thread order; *total = the sum of all.
+__device__ int block_exclusive_scan(int v, int32_t* warp_slots, int* total) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) slots[warp] = v;
+  int incl = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(kFullMask, incl, o);
+    if (lane >= o) incl += y;
+  }
+  if (lane == 31) warp_slots[warp] = incl;
   __syncthreads();
   int before = 0, all = 0;
   for (int w = 0; w < kWarps; ++w) {
-    const int x = slots[w];
+    const int x = warp_slots[w];
     before += w < warp ? x : 0;
     all += x;
   }
   __syncthreads();
   *total = all;
-  return before;
+  return before + incl - v;
 }
 
 __device__ void select_top_k(const SelectArgs& a, int b, int h, const DevicePlan& plan,
@@ -669,6 +678,8 @@ __device__ void select_top_k(const SelectArgs& a, int b, int h, const DevicePlan
   const bool cached = nc <= kKeyCache;
   uint32_t* key_row = ws_bh + static_cast<int64_t>(a.ws_rows - 1) * a.ws_row + sink;
 
+  // The keys in shared memory (cached) or in the workspace, and their least and largest value.
+  uint32_t lo = 0xFFFFFFFFu, hi = 0u;
   if (a.softmax_sum) {
     // score[c] = sum over heads i of softmax_c(logit_i): heads in order, each a fixed-order
     // block reduction, so the result does not depend on which CTA selects.
@@ -697,6 +708,8 @@ __device__ void select_top_k(const SelectArgs& a, int b, int h, const DevicePlan
     // Each thread rewrote only its own candidates: no barrier needed before it re-reads them.
     for (int64_t c = tid; c < nc; c += kThreads) {
       const uint32_t key = score_key(score[c]);
+      lo = min(lo, key);
+      hi = max(hi, key);
       if (cached) {
         s.keys[c] = key;
       } else {
@@ -706,21 +719,53 @@ __device__ void select_top_k(const SelectArgs& a, int b, int h, const DevicePlan
   } else if (cached) {
     // Unrolled so that each thread has 16 loads from L2 in flight (a rolled loop waits for each).
 #pragma unroll 16
-    for (int64_t c = tid; c < nc; c += kThreads) s.keys[c] = __ldcg(key_row + c);
+    for (int64_t c = tid; c < nc; c += kThreads) {
+      const uint32_t key = __ldcg(key_row + c);
+      s.keys[c] = key;
+      lo = min(lo, key);
+      hi = max(hi, key);
+    }
+  } else {
+#pragma unroll 16
+    for (int64_t c = tid; c < nc; c += kThreads) {
+      const uint32_t key = __ldcg(key_row + c);
+      lo = min(lo, key);
+      hi = max(hi, key);
+    }
+  }
+  lo = __reduce_min_sync(kFullMask, lo);
+  hi = __reduce_max_sync(kFullMask, hi);
+  if (lane == 0) {
+    s.warp_a[warp] = static_cast<int32_t>(lo);
+    s.warp_b[warp] = static_cast<int32_t>(hi);
   }
   __syncthreads();
+  for (int w = 0; w < kWarps; ++w) {
+    lo = min(lo, static_cast<uint32_t>(s.warp_a[w]));
+    hi = max(hi, static_cast<uint32_t>(s.warp_b[w]));
+  }
+  __syncthreads();  // s.warp_a / warp_b are reused below
   const KeySource key_of{key_row, cached ? s.keys : nullptr};
 
-  // Radix select: the threshold prefix of the k-th largest key (digits of 11, 11 and 10 bits);
-  // `want` = how many keys equal to the prefix (lowest indices first) complete the k.
-  uint32_t prefix = 0, mask = 0;
+  // Radix select of the threshold prefix of the k-th largest key over the bits below the prefix
+  // that every key shares (the sign and most exponent bits, typically: digits taken from the top
+  // would put nearly all keys in a few bins), 11 bits per pass from the top; `want` = how many
+  // keys equal to the prefix (lowest indices first) complete the k. Stops as soon as the
+  // threshold digit holds exactly the keys still wanted.
+  int low_bit = lo == hi ? 0 : 32 - __clz(lo ^ hi);  // bits [0, low_bit) differ among the keys
+  uint32_t mask = low_bit == 32 ? 0u : ~((1u << low_bit) - 1u);
+  uint32_t prefix = lo & mask;
   int64_t want = k;
-  for (int pass = 0; pass < 3; ++pass) {
-    const int shift = pass == 0 ? 21 : (pass == 1 ? 10 : 0);
-    const uint32_t dmask = pass == 2 ? 0x3FFu : 0x7FFu;
-    for (int i = tid; i < kBins; i += kThreads) s.hist[i] = 0;
+  while (low_bit > 0) {
+    const int width = low_bit < kDigitBits ? low_bit : kDigitBits;
+    const int shift = low_bit - width;
+    const uint32_t dmask = (1u << width) - 1u;
+    const int bins = 1 << width;
+    for (int i = tid; i < bins; i += kThreads) s.hist[i] = 0;
     __syncthreads();
-    // kBatch keys per lane are loaded before any is counted (their latencies overlap).
+    // kBatch keys per lane are loaded before any is counted (their latencies overlap). Below the
+    // shared prefix the digits spread over the bins, so plain shared-memory atomics rarely
+    // collide (warp aggregation with __match_any_sync costs more than it saves there).
     for (int base = warp * 32; base < nc; base += kThreads * kBatch) {
       uint32_t key[kBatch];
 #pragma unroll
@@ -730,22 +775,19 @@ __device__ void select_top_k(const SelectArgs& a, int b, int h, const DevicePlan
       }
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
-        const bool match = base + u * kThreads + lane < nc && (key[u] & mask) == prefix;
-        const uint32_t digit = match ? (key[u] >> shift) & dmask : kBins;  // kBins: not counted
-        // One atomic per distinct digit of the warp: the first digit is shared by most keys
-        // (sign and exponent), so per-lane atomics would serialize on a few bins.
-        const uint32_t peers = __match_any_sync(kFullMask, digit);
-        if (match && lane == __ffs(peers) - 1) atomicAdd(&s.hist[digit], __popc(peers));
+        if (base + u * kThreads + lane < nc && (key[u] & mask) == prefix) {
+          atomicAdd(&s.hist[(key[u] >> shift) & dmask], 1u);
+        }
       }
     }
     __syncthreads();
-    // Descending scan: thread t owns the 8 digits 2047 - 8t .. 2040 - 8t (fewer in pass 2).
-    const int per = (dmask + 1) / kThreads;  // 8 or 4
+    // Descending scan: thread t owns the `per` digits dmask - per t, ..., dmask - per t - per + 1.
+    const int per = bins >= kThreads ? bins / kThreads : 1;  // 1 to 8
     uint32_t cnt[8];
     uint32_t mine = 0;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      cnt[i] = i < per ? s.hist[dmask - per * tid - i] : 0;
+      cnt[i] = i < per && per * tid + i < bins ? s.hist[dmask - per * tid - i] : 0;
       mine += cnt[i];
     }
     uint32_t incl = mine;
@@ -775,59 +817,84 @@ __device__ void select_top_k(const SelectArgs& a, int b, int h, const DevicePlan
     prefix |= s.digit << shift;
     mask |= dmask << shift;
     want -= s.above;
+    low_bit = shift;
     const bool exact = static_cast<int64_t>(s.equal) == want;  // every key with the prefix wins
     __syncthreads();
     if (exact) break;
   }
 
-  // Ordered compaction: warp w walks candidates [w seg, (w+1) seg) in 32-wide steps; a candidate
-  // is taken when its masked key is above the prefix, or equal and among the first `want` equal
-  // ones by index.
-  const int64_t seg = ((nc + kWarps - 1) / kWarps + 31) / 32 * 32;
-  const int64_t lo = min64(static_cast<int64_t>(warp) * seg, nc), hi = min64(lo + seg, nc);
-  int gt = 0, eq = 0;
-  for (int64_t base = lo; base < hi; base += 32 * kBatch) {
-    uint32_t key[kBatch];
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int64_t c = base + 32 * u + lane;
-      key[u] = c < hi ? key_of(c) & mask : 0;
-    }
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const bool in = base + 32 * u + lane < hi;
-      gt += __popc(__ballot_sync(kFullMask, in && key[u] > prefix));
-      eq += __popc(__ballot_sync(kFullMask, in && key[u] == prefix));
-    }
-  }
-  int eq_total = 0;
-  const int eq_before = warp_prefix(eq, s.warp_a, &eq_total);
-  const int eq_taken = static_cast<int>(max64(0, min64(eq, want - eq_before)));
-  int taken_total = 0;
-  const int taken_before = warp_prefix(gt + eq_taken, s.warp_b, &taken_total);
+  // Ordered compaction, kCompactWords x 32 candidates at a time: bit c of greater_bits /
+  // equal_bits = candidate c's masked key is above / equal to the prefix (one ballot per 32
+  // candidates); a candidate is taken when above, or equal and among the first `want` equal ones
+  // by index; each thread then writes the taken candidates of its words in ascending order.
   int32_t* out = a.block_indices + b * a.bi_stride_batch + h * a.bi_stride_head;
-  const uint32_t below = (1u << lane) - 1;
-  int64_t eq_seen = eq_before, written = taken_before;
-  for (int64_t base = lo; base < hi; base += 32 * kBatch) {
-    uint32_t key[kBatch];
+  int64_t written = 0, eq_seen = 0;
+  constexpr int kWordsPerThread = kCompactWords / kThreads;
+  for (int64_t seg = 0; seg < nc; seg += 32 * kCompactWords) {
+    const int words = static_cast<int>(min64(kCompactWords, ceil_div(nc - seg, int64_t{32})));
+    for (int w0 = warp; w0 < words; w0 += kWarps * kBatch) {
+      uint32_t key[kBatch];
+      bool in[kBatch];
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int64_t c = base + 32 * u + lane;
-      key[u] = c < hi ? key_of(c) & mask : 0;
-    }
+      for (int u = 0; u < kBatch; ++u) {
+        const int64_t c = seg + 32 * static_cast<int64_t>(w0 + u * kWarps) + lane;
+        in[u] = w0 + u * kWarps < words && c < nc;
+        key[u] = in[u] ? key_of(c) & mask : 0;
+      }
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {  // in candidate order: positions stay ascending
-      const int64_t c = base + 32 * u + lane;
-      const bool greater = c < hi && key[u] > prefix;
-      const bool equal = c < hi && key[u] == prefix;
-      const uint32_t eq_mask = __ballot_sync(kFullMask, equal);
-      const bool take = greater || (equal && eq_seen + __popc(eq_mask & below) < want);
-      const uint32_t take_mask = __ballot_sync(kFullMask, take);
-      const int64_t pos = sink + written + __popc(take_mask & below);
-      if (take && pos < a.max_blocks) out[pos * a.bi_stride_slot] = static_cast<int32_t>(sink + c);
-      eq_seen += __popc(eq_mask);
-      written += __popc(take_mask);
+      for (int u = 0; u < kBatch; ++u) {
+        const uint32_t gt = __ballot_sync(kFullMask, in[u] && key[u] > prefix);
+        const uint32_t eq = __ballot_sync(kFullMask, in[u] && key[u] == prefix);
+        if (lane == 0 && w0 + u * kWarps < words) {
+          s.greater_bits[w0 + u * kWarps] = gt;
+          s.equal_bits[w0 + u * kWarps] = eq;
+        }
+      }
     }
+    __syncthreads();
+    // Thread t owns words [t kWordsPerThread, (t + 1) kWordsPerThread) of the segment.
+    uint32_t gt[kWordsPerThread], eq[kWordsPerThread];
+    int eq_mine = 0;
+#pragma unroll
+    for (int i = 0; i < kWordsPerThread; ++i) {
+      const int w = tid * kWordsPerThread + i;
+      gt[i] = w < words ? s.greater_bits[w] : 0u;
+      eq[i] = w < words ? s.equal_bits[w] : 0u;
+      eq_mine += __popc(eq[i]);
+    }
+    int eq_total = 0;
+    int64_t eq_left = want - eq_seen - block_exclusive_scan(eq_mine, s.warp_a, &eq_total);
+    int taken_mine = 0;
+#pragma unroll
+    for (int i = 0; i < kWordsPerThread; ++i) {
+      uint32_t take_eq = eq[i];  // the lowest eq_left set bits of eq[i]
+      if (eq_left < __popc(eq[i])) {
+        take_eq = 0u;
+        for (uint32_t rest = eq[i]; eq_left > 0; --eq_left) {
+          const uint32_t low = rest & (~rest + 1u);
+          take_eq |= low;
+          rest ^= low;
+        }
+        eq_left = 0;
+      } else {
+        eq_left -= __popc(eq[i]);
+      }
+      gt[i] |= take_eq;  // now: the taken candidates
+      taken_mine += __popc(gt[i]);
+    }
+    int taken_total = 0;
+    int64_t pos = sink + written + block_exclusive_scan(taken_mine, s.warp_b, &taken_total);
+#pragma unroll
+    for (int i = 0; i < kWordsPerThread; ++i) {
+      const int64_t c0 = seg + 32 * static_cast<int64_t>(tid * kWordsPerThread + i);
+      for (uint32_t bits = gt[i]; bits != 0u; bits &= bits - 1u, ++pos) {
+        if (pos < a.max_blocks) {
+          out[pos * a.bi_stride_slot] = static_cast<int32_t>(sink + c0 + __ffs(bits) - 1);
+        }
+      }
+    }
+    written += taken_total;
+    eq_seen += eq_total;
   }
   write_list(a, b, h, plan, false);
 }
