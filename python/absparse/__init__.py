@@ -2,7 +2,8 @@
 
 The decode pipeline (``docs/decode.md``): ``update_centroids`` -> ``select_blocks`` ->
 ``sparse_decode``; ``dense_decode`` is the full-attention baseline. ``LayerLayout`` / ``ModelLayout``
-describe per-head block sizes and summary storage.
+describe per-head block sizes and summary storage. Prefill (``docs/prefill.md``): ``sparse_prefill``,
+block-sparse causal attention over packed variable-length batches.
 """
 from pathlib import Path as _Path
 
@@ -12,6 +13,7 @@ from .allocation import (allocate_block_sizes, describe_layout, head_recall,
 from .layout import LayerLayout, ModelLayout
 from .ops import (default_max_blocks, dense_decode, dequantize, quantize, select_blocks,
                   sparse_decode, update_centroids)
+from .prefill import dense_causal_block_lists, sparse_prefill
 
 __version__ = _C.__version__
 
@@ -22,4 +24,4 @@ cmake_prefix_path = str(_Path(_C.__file__).resolve().parent)
 __all__ = ["LayerLayout", "ModelLayout", "update_centroids", "select_blocks", "sparse_decode",
            "dense_decode", "quantize", "dequantize", "default_max_blocks", "cmake_prefix_path",
            "head_recall", "allocate_block_sizes", "uniform_block_sizes", "layout_from_allocation",
-           "describe_layout"]
+           "describe_layout", "sparse_prefill", "dense_causal_block_lists"]

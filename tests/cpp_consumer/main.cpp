@@ -1,6 +1,7 @@
 // Consumer of the installed absparse C++ API (no torch, no Python): a tiny paged KV cache, dense
 // and sparse decode attention through absparse::decode_attention_cpu, both checked against a direct
-// float64 computation here; then a bad argument must throw absparse::InvalidArgument.
+// float64 computation here; then a bad argument must throw absparse::InvalidArgument. prefill.cpp
+// does the same for sparse_prefill_cpu.
 // Prints "absparse consumer OK ..." and returns 0 on success, prints the failure and returns 1.
 //
 // Shapes: B = 2 sequences (L = 21, 13), Hq = 4, Hk = 2 (G = 2), D = 16, page size P = 8, float32.
@@ -144,6 +145,8 @@ double worst_error(const Problem& pr, const std::vector<float>& out, const std::
 
 }  // namespace
 
+double prefill_consumer_check();  // prefill.cpp
+
 int main() {
   Problem pr;
   std::mt19937 rng(2024);
@@ -183,7 +186,14 @@ int main() {
                 "InvalidArgument naming block_indices (message: '%s')\n", message.c_str());
     return 1;
   }
-  std::printf("absparse consumer OK: dense and sparse match the direct computation "
-              "(error/tolerance %.3f, %.3f), InvalidArgument thrown\n", dense, sparse);
+  const double prefill = prefill_consumer_check();
+  if (!(prefill >= 0.0 && prefill <= 1.0)) {
+    std::printf("absparse consumer FAILED: sparse_prefill error/tolerance %.3g (-1: bad "
+                "key_positions not rejected)\n", prefill);
+    return 1;
+  }
+  std::printf("absparse consumer OK: dense and sparse decode and prefill match the direct "
+              "computation (error/tolerance %.3f, %.3f, %.3f), InvalidArgument thrown\n", dense,
+              sparse, prefill);
   return 0;
 }

@@ -6,4 +6,5 @@
 #include "absparse/error.h"
 #include "absparse/layout.h"
 #include "absparse/numeric.h"
+#include "absparse/prefill.h"
 #include "absparse/quantize.h"
