@@ -11,6 +11,7 @@
 #   sanitizer  compute-sanitizer memcheck (smoke + 4 small cases) and racecheck (smoke)   sanitizer.log
 #   ncu        Nsight Compute, --set full, one steady launch of each kernel at B8/128K    ncu.txt
 #   bench      bench/decode_bench.py (BENCH_ARGS, default --quick)     bench.log, decode_bench.json
+#   prefill    bench/prefill_bench.py (PREFILL_ARGS, default --quick)  bench.log, prefill_bench.json
 #   gbench     absparse_bench_gpu (google-benchmark), carried in build/carry     bench.log, bench_gpu.json
 # The build log (with the ptxas register / spill report) is build.log: 8 files at most, the
 # device tool's limit.
@@ -57,6 +58,7 @@ finish() {
     [ -f "$OUT/build.log" ] && echo "kernels with register spills:" \
       "$(grep -cE ' [1-9][0-9]* bytes spill stores' "$OUT/build.log")"
     [ -f "$OUT/bench.log" ] && sed -n '/^| B\/ctx/,/^times in us/p' "$OUT/bench.log"
+    [ -f "$OUT/bench.log" ] && sed -n '/^device .*matmul/,/^$/p' "$OUT/bench.log"
   } | tee "$OUT/summary.txt"
 }
 trap finish EXIT
@@ -79,6 +81,7 @@ assert absparse._C.has_cuda and torch.cuda.is_available()" || exit 1
 export PYTHONUNBUFFERED=1
 if want quick; then
   step quick tests.log 60 240 "$PY" -m pytest tests/test_gpu.py tests/test_cuda_validation.py \
+    tests/test_gpu_prefill.py tests/test_sparse_prefill.py::test_devices \
     -q -ra -m "not full" -p no:cacheprovider --durations=10 ${PYTEST_ARGS:-}
 fi
 
@@ -112,6 +115,11 @@ fi
 if want bench; then
   step bench bench.log 60 300 "$PY" bench/decode_bench.py ${BENCH_ARGS:---quick} \
     --json "$OUT/decode_bench.json"
+fi
+
+if want prefill; then
+  step prefill bench.log 60 240 "$PY" bench/prefill_bench.py ${PREFILL_ARGS:---quick} \
+    --json "$OUT/prefill_bench.json"
 fi
 
 if want gbench; then

@@ -493,6 +493,8 @@ def test_devices(ab):
     a["k"] = a["k"].cuda()
     with pytest.raises(ValueError, match=r"k: expected the device of q \(cpu\), got cuda:0"):
         ab.sparse_prefill(**a)
+    # All on the GPU: the kernel runs (tests/test_gpu_prefill.py) and equals the CPU result.
     a = {n: x.cuda() if isinstance(x, torch.Tensor) else x for n, x in _base().items()}
-    with pytest.raises(ValueError, match=r"q: expected a CPU tensor \(sparse_prefill has no CUDA"):
-        ab.sparse_prefill(**a)
+    out = ab.sparse_prefill(**a).cpu().float()
+    expect = ab.sparse_prefill(**_base()).float()
+    assert float((out - expect).abs().max()) <= 2.0 ** -10 * (1 + float(expect.abs().max()))

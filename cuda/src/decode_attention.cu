@@ -134,12 +134,6 @@ struct AttnLayout {
   }
 };
 
-// Element offset of (row, col) in a swizzled tile; col is a multiple of 8 (one 16-byte chunk).
-template <int D>
-__device__ inline int swz(int row, int col) {
-  return row * D + ((((col >> 3) ^ row) & 7) | ((col >> 3) & ~7)) * 8;
-}
-
 template <typename T, int D, int kNT>
 __global__ void __launch_bounds__(kThreads)
     attention_kernel(const __grid_constant__ AttnArgs a) {

@@ -77,6 +77,14 @@ __device__ inline void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&
   mma_bf16(d, a, b0, b1);
 }
 
+// Element offset of (row, col) in a swizzled tile of rows of D 16-bit elements; col is a multiple
+// of 8 (one 16-byte chunk). Chunk c of row r lives at chunk (c ^ r) mod 8 of its group of 8, so the
+// 8 rows an ldmatrix reads at one column hit 8 different bank groups.
+template <int D>
+__device__ inline int swz(int row, int col) {
+  return row * D + ((((col >> 3) ^ row) & 7) | ((col >> 3) & ~7)) * 8;
+}
+
 // Two 16-bit values as one register, `first` in the low half.
 __device__ inline uint32_t pack_bits(uint16_t first, uint16_t second) {
   return static_cast<uint32_t>(first) | (static_cast<uint32_t>(second) << 16);

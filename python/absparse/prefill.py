@@ -6,8 +6,8 @@ per sequence, per head and per query block, an ascending list of key blocks to a
 that format). The exact semantics are in ``docs/prefill.md``; the arguments are validated in the
 native layer (``ValueError`` naming the argument, the expected and the actual value).
 
-CUDA: not yet. The op runs on CPU tensors (the float64 reference); CUDA tensors raise
-``ValueError`` until the Hopper kernel lands.
+CPU tensors run the float64 reference; CUDA tensors (builds with the kernels) run one tensor-core
+kernel on the current stream, with the limits and rules of ``absparse/prefill_cuda.h``.
 """
 from __future__ import annotations
 
@@ -68,7 +68,11 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
 
     Non-contiguous tensors are accepted, except that q, k, v and out need a contiguous last
     dimension. The CPU reference accumulates in float64 and rounds once to the output dtype.
-    CUDA: not yet (CUDA tensors raise ``ValueError``).
+    CUDA tensors (float16 / bfloat16, D 64 or 128, q_block 64 or 128, k_block a multiple of 64 up
+    to 256, 16-byte aligned rows) run on the current stream: float32 accumulation with the
+    softmax weights rounded to the input dtype for P.V (as FlashAttention does); values in device
+    memory (cu_seqlens, lists, counts, key_positions) are not validated there but clamped or
+    skipped (``docs/prefill.md``).
 
     Returns
     -------
@@ -114,8 +118,9 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
     if return_lse:
         shape = tuple(q.shape[:2]) if q.dim() == 3 else (0, 0)
         lse = torch.empty(shape, dtype=torch.float32, device=q.device)
+    stream = torch.cuda.current_stream(q.device).cuda_stream if q.is_cuda else 0
     _C.sparse_prefill(q, k, v, cu_seqlens, block_indices, block_counts, q_block, k_block,
-                      key_positions, scale, out, lse)
+                      key_positions, scale, out, lse, stream)
     return (out, lse) if return_lse else out
 
 

@@ -3,7 +3,9 @@
 // docstring.
 //
 // Checks run in a fixed order (ndim, sizes, device, dtype, layout), then sparse_prefill_cpu
-// validates the values (cu_seqlens, block lists and counts, key positions) before it writes.
+// validates the values (cu_seqlens, block lists and counts, key positions) before it writes. CUDA
+// tensors (builds with ABSPARSE_WITH_CUDA) run sparse_prefill_cuda on the given stream after its
+// host-side checks (absparse/prefill_cuda.h: device values are not validated there).
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -11,6 +13,10 @@
 #include "absparse/error.h"
 #include "absparse/prefill.h"
 #include "tensor_view.h"
+#ifdef ABSPARSE_WITH_CUDA
+#include "absparse/decode_cuda.h"  // CudaDeviceGuard
+#include "absparse/prefill_cuda.h"
+#endif
 
 namespace absparse::py_binding {
 
@@ -18,13 +24,15 @@ namespace {
 
 constexpr const char* kFn = "sparse_prefill";
 
-// The device of the op, decided once from q. sparse_prefill has no CUDA kernel yet, so CUDA
-// tensors are rejected here in every build, before anything reads them. This is the one place a
-// CUDA path plugs in: return q.is_cuda in builds with ABSPARSE_WITH_CUDA, and run the CUDA entry
-// point (after check_sparse_prefill_args) instead of sparse_prefill_cpu at the end.
-void expect_cpu_prefill(const TensorView& q) {
-  ABSPARSE_CHECK_ARG(!q.is_cuda, kFn, "q: expected a CPU tensor (sparse_prefill has no CUDA ",
-                     "kernel yet), got ", q.device_string());
+// True for CUDA tensors in a build with the kernels (they run sparse_prefill_cuda); a CUDA tensor
+// in a CPU-only build raises.
+bool on_cuda(const TensorView& q) {
+#ifdef ABSPARSE_WITH_CUDA
+  return q.is_cuda;
+#else
+  expect_supported_device(q, kFn, "q");
+  return false;
+#endif
 }
 
 int32_t int32_size(int64_t value, const char* name, const char* what) {
@@ -35,7 +43,7 @@ int32_t int32_size(int64_t value, const char* name, const char* what) {
 void sparse_prefill(py::handle q_obj, py::handle k_obj, py::handle v_obj, py::handle cu_obj,
                     py::handle indices_obj, py::handle counts_obj, int64_t q_block,
                     int64_t k_block, py::handle key_positions_obj, double scale,
-                    py::handle out_obj, py::handle lse_obj) {
+                    py::handle out_obj, py::handle lse_obj, uintptr_t stream) {
   TensorView q = tensor_arg(q_obj, kFn, "q");
   TensorView k = tensor_arg(k_obj, kFn, "k");
   TensorView v = tensor_arg(v_obj, kFn, "v");
@@ -84,7 +92,7 @@ void sparse_prefill(py::handle q_obj, py::handle k_obj, py::handle v_obj, py::ha
   }
 
   // device
-  expect_cpu_prefill(q);
+  const bool cuda = on_cuda(q);
   expect_same_device(k, q, kFn, "k", "q");
   expect_same_device(v, q, kFn, "v", "q");
   expect_same_device(cu, q, kFn, "cu_seqlens", "q");
@@ -162,6 +170,16 @@ void sparse_prefill(py::handle q_obj, py::handle k_obj, py::handle v_obj, py::ha
     p.lse_stride_token = lse.stride(0);
     p.lse_stride_head = lse.stride(1);
   }
+  if (cuda) {
+#ifdef ABSPARSE_WITH_CUDA
+    check_sparse_prefill_cuda(p);
+    CudaDeviceGuard guard(q.device_index);
+    p.stream = reinterpret_cast<void*>(stream);
+    sparse_prefill_cuda(p);
+#endif
+    return;
+  }
+  (void)stream;
   sparse_prefill_cpu(p);
 }
 
@@ -171,7 +189,7 @@ void register_prefill(py::module_& m) {
   m.def("sparse_prefill", &sparse_prefill, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("cu_seqlens"), py::arg("block_indices"), py::arg("block_counts"),
         py::arg("q_block"), py::arg("k_block"), py::arg("key_positions"), py::arg("scale"),
-        py::arg("out"), py::arg("lse"));
+        py::arg("out"), py::arg("lse"), py::arg("stream") = 0);
 }
 
 }  // namespace absparse::py_binding
