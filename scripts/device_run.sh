@@ -8,7 +8,8 @@
 # Steps (in this order; skipped when fewer seconds than they need are left of BUDGET_S):
 #   quick      GPU tests, quick tier (tests/test_gpu.py, tests/test_cuda_validation.py)  tests.log
 #   full       GPU tests, full tier                                                       tests.log
-#   sanitizer  compute-sanitizer memcheck (smoke + 4 small cases) and racecheck (smoke)   sanitizer.log
+#   sanitizer  compute-sanitizer memcheck (smoke + 4 small decode cases, 3 prefill cases) and
+#              racecheck (decode smoke, one prefill case)                                sanitizer.log
 #   ncu        Nsight Compute, --set full, one steady launch of each kernel at B8/128K    ncu.txt
 #   bench      bench/decode_bench.py (BENCH_ARGS, default --quick)     bench.log, decode_bench.json
 #   prefill    bench/prefill_bench.py (PREFILL_ARGS, default --quick)  bench.log, prefill_bench.json
@@ -99,9 +100,15 @@ if want sanitizer; then
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck sanitizer.log 60 150 "$SAN" --tool memcheck \
     --error-exitcode 9 --print-limit 40 "$PY" -m pytest tests/test_gpu.py -q -x \
     -p no:cacheprovider -k "$MEMCHECK_K"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck-prefill sanitizer.log 40 120 "$SAN" \
+    --tool memcheck --error-exitcode 9 --print-limit 40 "$PY" -m pytest tests/test_gpu_prefill.py \
+    -q -x -p no:cacheprovider -k "key_positions or empty_rows"
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 step racecheck sanitizer.log 60 120 "$SAN" --tool racecheck \
     --error-exitcode 9 --print-limit 40 "$PY" -m pytest tests/test_gpu.py -q -x \
     -p no:cacheprovider -k sanitizer_smoke
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step racecheck-prefill sanitizer.log 40 120 "$SAN" \
+    --tool racecheck --error-exitcode 9 --print-limit 40 "$PY" -m pytest \
+    tests/test_gpu_prefill.py -q -x -p no:cacheprovider -k "key_positions and kv"
 fi
 
 if want ncu; then
