@@ -154,6 +154,24 @@ def test_small_budget_selects_and_keeps_summaries_current():
                 assert torch.equal(sparse.scales[i][pages], sc[pages]), (i, b)
 
 
+def test_with_settings_shares_the_cache():
+    """A sparse runner made from a prefilled dense one attends the same pools (summaries computed
+    from them): its next step is the float64 forward's; a layout of another page size is
+    refused."""
+    cfg = LlamaConfig.from_dict(TINY)
+    w = _weights(cfg, 7)
+    ids = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(8))
+    dense = LlamaRunner(cfg, w, batch_size=2, max_context=48, mode="dense", page_size=16)
+    dense.prefill(ids[:, :38])
+    sparse = dense.with_settings(_tiny_layout(), token_budget=4096, sink_tokens=4,
+                                 local_tokens=8)
+    assert sparse.k_pools[2] is dense.k_pools[2] and sparse.seq_lens is dense.seq_lens
+    _assert_logits_close(sparse.step(ids[:, 38]), _reference_logits(cfg, w, ids)[:, 38],
+                         "first sparse step")
+    with pytest.raises(ValueError, match="page size"):
+        dense.with_settings(_tiny_layout(page=32))
+
+
 def test_generate_is_greedy_over_steps():
     cfg = LlamaConfig.from_dict(TINY)
     w = _weights(cfg, 5)

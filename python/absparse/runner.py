@@ -27,6 +27,7 @@ windows are those of ``absparse.select_blocks``.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import List, Optional, Union
@@ -142,28 +143,63 @@ class LlamaRunner:
                  layout: Optional[ModelLayout] = None, token_budget: Union[int, float] = 2048,
                  sink_tokens: int = 16, local_tokens: int = 64, group_reduce: str = "max",
                  mode: str = "sparse", page_size: int = 64):
-        if mode not in ("sparse", "dense"):
-            raise ValueError(f"LlamaRunner: mode: expected 'sparse' or 'dense', got {mode!r}")
-        n = cfg.num_hidden_layers
-        if layout is not None and len(layout) != n:
-            raise ValueError(f"LlamaRunner: layout: expected {n} layers (the model's), got "
-                             f"{len(layout)}")
         if batch_size < 1 or max_context < 1:
             raise ValueError(f"LlamaRunner: batch_size, max_context: expected >= 1, got "
                              f"{batch_size}, {max_context}")
-        self.cfg, self.mode = cfg, mode
-        self.layouts: List[Optional[LayerLayout]] = list(layout.layers) if layout else [None] * n
-        sizes = {l.page_size for l in self.layouts if l is not None}
-        if len(sizes) > 1:
-            raise ValueError(f"LlamaRunner: layout: expected one page size, got {sorted(sizes)}")
-        self.page_size = sizes.pop() if sizes else int(page_size)
-        self.token_budget, self.sink_tokens, self.local_tokens = token_budget, sink_tokens, local_tokens
-        self.group_reduce = group_reduce
+        self.cfg = cfg
+        layouts = self._check_layout(layout)
+        self.page_size = next((l.page_size for l in layouts if l is not None), int(page_size))
         embed = weights["model.embed_tokens.weight"]
         self.dtype, self.device = embed.dtype, embed.device
         self._load(weights)
         self._allocate(batch_size, max_context)
+        self._configure(layouts, token_budget, sink_tokens, local_tokens, group_reduce, mode)
+
+    def _check_layout(self, layout: Optional[ModelLayout]) -> List[Optional[LayerLayout]]:
+        n = self.cfg.num_hidden_layers
+        if layout is not None and len(layout) != n:
+            raise ValueError(f"LlamaRunner: layout: expected {n} layers (the model's), got "
+                             f"{len(layout)}")
+        layouts = list(layout.layers) if layout is not None else [None] * n
+        sizes = {l.page_size for l in layouts if l is not None}
+        if len(sizes) > 1 or (sizes and hasattr(self, "page_size") and sizes != {self.page_size}):
+            raise ValueError(f"LlamaRunner: layout: expected one page size (the cache's), got "
+                             f"{sorted(sizes)}")
+        return layouts
+
+    def _configure(self, layouts, token_budget, sink_tokens, local_tokens, group_reduce,
+                   mode) -> None:
+        """Decode settings and the summary caches they need (zeroed; see ``summarize``)."""
+        if mode not in ("sparse", "dense"):
+            raise ValueError(f"LlamaRunner: mode: expected 'sparse' or 'dense', got {mode!r}")
+        self.layouts, self.mode = layouts, mode
+        self.token_budget, self.sink_tokens = token_budget, sink_tokens
+        self.local_tokens, self.group_reduce = local_tokens, group_reduce
+        num_pages, d = self.k_pools[0].shape[0], self.cfg.head_dim
+        self.summaries, self.scales, self.max_blocks = [], [], []
+        for layout in layouts:
+            sparse = layout is not None and mode == "sparse"
+            s, sc = (layout.new_summary_cache(num_pages, d, self.device) if sparse
+                     else (None, None))
+            self.summaries.append(s)
+            self.scales.append(sc)
+            self.max_blocks.append(default_max_blocks(self.page_table, layout, token_budget,
+                                                      sink_tokens, local_tokens)
+                                   if sparse else 0)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
+
+    def with_settings(self, layout: Optional[ModelLayout] = None,
+                      token_budget: Union[int, float] = 2048, sink_tokens: int = 16,
+                      local_tokens: int = 64, group_reduce: str = "max",
+                      mode: str = "sparse") -> "LlamaRunner":
+        """A runner over this one's weights and cache (pools, page table, seq_lens, step
+        buffers: shared, not copied) with other decode settings; its summaries are computed from
+        the pools now. Steps of either runner advance both."""
+        new = copy.copy(self)
+        new._configure(self._check_layout(layout), token_budget, sink_tokens, local_tokens,
+                       group_reduce, mode)
+        new.summarize()
+        return new
 
     # --- construction --------------------------------------------------------------------------
     @classmethod
@@ -240,15 +276,6 @@ class LlamaRunner:
         self.k_pools = [torch.zeros(num_pages, P, hk, d, dtype=self.dtype, device=dev)
                         for _ in self.layers]                        # [num_pages, P, Hk, D]
         self.v_pools = [torch.zeros_like(k) for k in self.k_pools]
-        self.summaries, self.scales, self.max_blocks = [], [], []
-        for layout in self.layouts:
-            sparse = layout is not None and self.mode == "sparse"
-            s, sc = layout.new_summary_cache(num_pages, d, dev) if sparse else (None, None)
-            self.summaries.append(s)
-            self.scales.append(sc)
-            self.max_blocks.append(default_max_blocks(self.page_table, layout, self.token_budget,
-                                                      self.sink_tokens, self.local_tokens)
-                                   if sparse else 0)
         # RoPE tables for every position the cache can hold: [max_context, D] in the model dtype
         # (the same float32 products and casts as transformers' rotary embedding).
         freqs = torch.arange(max_context, dtype=torch.float32)[:, None] * rope_inv_freq(cfg)[None]
@@ -309,19 +336,25 @@ class LlamaRunner:
         cos, sin = self.cos[:steps, None], self.sin[:steps, None]                    # [S, 1, D]
         x = F.embedding(ids, self.embed)                                             # [B, S, H]
         self.seq_lens.fill_(steps)
-        zero = torch.zeros_like(self.seq_lens)
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, x, cos, sin)                  # [B, S, Hq | Hk, D]
             self._write_kv(i, slots, k.flatten(0, 1), v.flatten(0, 1))
-            if self._sparse(i):
-                update_centroids(self.k_pools[i], self.page_table, self.seq_lens, zero,
-                                 self.layouts[i], self.summaries[i], self.scales[i])
             attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                                   v.transpose(1, 2), is_causal=True,
                                                   enable_gqa=True)   # [B, Hq, S, D]
             x = self._mlp_block(layer, x, attn.transpose(1, 2).flatten(2))
+        self.summarize()
         self.logits.copy_(self._logits(x[:, -1]))
         return self.logits
+
+    def summarize(self) -> None:
+        """Summaries of every complete block of every sparse layer, from the pools (start 0):
+        after a prefill, or after the pools or seq_lens were written directly."""
+        zero = torch.zeros_like(self.seq_lens)
+        for i in range(len(self.layers)):
+            if self._sparse(i):
+                update_centroids(self.k_pools[i], self.page_table, self.seq_lens, zero,
+                                 self.layouts[i], self.summaries[i], self.scales[i])
 
     def attend_layer(self, i: int, q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Decode attention of layer i for q [B, Hq, D] into out [B, Hq, D], after the step's
