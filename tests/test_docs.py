@@ -11,10 +11,14 @@ import absparse
 import absparse.allocation
 import absparse.layout
 import absparse.ops
+import absparse.runner
+import absparse.torch_ops
 import reference as ref
 
 
-@pytest.mark.parametrize("module", [absparse.allocation, absparse.layout, absparse.ops], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [absparse.allocation, absparse.layout, absparse.ops,
+                                    absparse.runner, absparse.torch_ops],
+                         ids=lambda m: m.__name__)
 def test_docstring_examples(module, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     globs = {"torch": torch, **{n: getattr(absparse, n) for n in absparse.__all__}}

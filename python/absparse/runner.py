@@ -24,6 +24,23 @@ and ``step(tokens)`` replays it (on the CPU, and before ``capture()``, it runs e
 
 All sequences of a batch are prefilled together with the same length (no padding); the budget and
 windows are those of ``absparse.select_blocks``.
+
+Example (a tiny random model on the CPU; layer 0 dense, layer 1 sparse):
+
+>>> from absparse.runner import LlamaRunner
+>>> cfg = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+...            num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+>>> layout = ModelLayout([None, LayerLayout([8, 16], page_size=16, format="int8")])
+>>> runner = LlamaRunner.from_config(cfg, torch.float32, "cpu", seed=0, batch_size=2,
+...                                  max_context=128, layout=layout, token_budget=32)
+>>> prompt = torch.randint(0, 100, (2, 50), generator=torch.Generator().manual_seed(0))
+>>> tokens = runner.generate(prompt, max_new_tokens=8)
+>>> tokens.shape, runner.seq_lens.tolist()
+(torch.Size([2, 8]), [57, 57])
+>>> full = runner.with_settings(layout, token_budget=4096)   # a budget >= context: all blocks
+>>> dense = runner.with_settings(mode="dense")               # same weights and cache
+>>> torch.equal(full.generate(prompt, 8), dense.generate(prompt, 8))
+True
 """
 from __future__ import annotations
 
@@ -392,10 +409,11 @@ class LlamaRunner:
 
     # --- graph and loop ------------------------------------------------------------------------
     def capture(self) -> "torch.cuda.CUDAGraph":
-        """Record ``decode_step`` into a CUDA graph (CUDA only; after ``prefill``). A warm-up step
-        runs first on a side stream (library handles, per-device channel parameters) and is
-        undone: seq_lens restored; the K/V it wrote at the next position are overwritten and the
-        summary of a block it completed rewritten by the next real step."""
+        """Record ``decode_step`` into a CUDA graph (CUDA only), once: the graph reads and writes
+        the runner's buffers, so it stays valid across prefills. A warm-up step runs first on a
+        side stream (library handles, per-device channel parameters) and is undone: seq_lens
+        restored; the K/V it wrote at the next position are overwritten, and the summary of a
+        block it completed rewritten, by the next real step."""
         if self.device.type != "cuda":
             raise RuntimeError("LlamaRunner.capture: needs a CUDA device (runs eagerly elsewhere)")
         saved = self.seq_lens.clone()

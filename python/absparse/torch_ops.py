@@ -31,6 +31,14 @@ binding when an op runs on real tensors; the fake implementations only compute o
                                    lse float32 [B, Hq] (return_lse) or [0] (not computed)
 
 with B, Hq, D from ``q [B, Hq, D]`` and Hk = len(block_sizes).
+
+Example
+-------
+>>> k = torch.randn(1, 16, 1, 64); v = torch.randn_like(k); q = torch.randn(1, 2, 64)
+>>> pt = torch.zeros(1, 1, dtype=torch.int32); L = torch.tensor([9], dtype=torch.int32)
+>>> out, lse = torch.ops.absparse.dense_decode(q, k, v, pt, L, 0.125, True)
+>>> torch.equal(out, dense_decode(q, k, v, pt, L)), lse.shape
+(True, torch.Size([1, 2]))
 """
 from __future__ import annotations
 
