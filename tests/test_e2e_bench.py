@@ -12,8 +12,8 @@ MODES = ["sdpa", "absparse-dense", "uniform16", "ab-mixed"]
 def test_tiny_run_reports_every_mode(tmp_path):
     out = tmp_path / "e2e.json"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "e2e_bench.py"), "--tiny",
-                           "--reps", "1", "--warmup", "0", "--json", str(out)], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
+                           "--reps", "1", "--warmup", "0", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("| B/ctx | mode | budget | step ms | attn ms |"), proc.stdout
     data = json.loads(out.read_text())
@@ -25,7 +25,8 @@ def test_tiny_run_reports_every_mode(tmp_path):
     assert data["meta"]["dtype"] == "torch.float32"
     per_token = cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * 2 * 4
     for batch, context in shapes:
-        got = [(r["mode"], r["budget"]) for r in rows if (r["batch"], r["context"]) == (batch, context)]
+        got = [(r["mode"], r["budget"]) for r in rows
+               if (r["batch"], r["context"]) == (batch, context)]
         assert got == [("sdpa", None), ("absparse-dense", None), ("uniform16", 128),
                        ("ab-mixed", 128), ("uniform16", 0.04), ("ab-mixed", 0.04)]
     for r in rows:

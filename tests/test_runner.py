@@ -206,7 +206,8 @@ def test_from_config_shapes_and_memory():
                                      seed=0, batch_size=3, max_context=100,
                                      layout=_tiny_layout(page=32), token_budget=0.25)
     assert runner.lm_head is runner.embed and runner.page_size == 32
-    assert runner.k_pools[0].shape == (3 * 4, 32, 2, 16) and runner.k_pools[0].dtype == torch.bfloat16
+    assert runner.k_pools[0].shape == (3 * 4, 32, 2, 16)
+    assert runner.k_pools[0].dtype == torch.bfloat16
     assert runner.kv_bytes() == 3 * 2 * 12 * 32 * 2 * 16 * 2
     layout = runner.layouts[1]
     assert runner.summary_bytes() == sum(t.numel() * t.element_size() for t in
@@ -217,7 +218,7 @@ def test_from_config_shapes_and_memory():
     assert tokens.shape == (3, 4) and runner.seq_lens.tolist() == [13] * 3
 
 
-# --- transformers ----------------------------------------------------------------------------------
+# --- transformers --------------------------------------------------------------------------------
 def _transformers():
     return pytest.importorskip("transformers", reason="transformers is not installed")
 

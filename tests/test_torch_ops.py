@@ -165,8 +165,8 @@ def test_fake_shapes_follow_the_arguments():
         idx, cnt = torch.ops.absparse.select_blocks(q, s, None, pt, sl, [8, 16, 64], 64,
                                                     "minmax", "bf16", None, None, 100, 0.0, 16,
                                                     64, "max", 0.125, 37)
-        out, lse = torch.ops.absparse.sparse_decode(q, k, k, pt, sl, torch.empty(3, dtype=torch.int32),
-                                                    idx, cnt, 0.125, True)
+        sizes = torch.empty(3, dtype=torch.int32)
+        out, lse = torch.ops.absparse.sparse_decode(q, k, k, pt, sl, sizes, idx, cnt, 0.125, True)
         dout, dlse = torch.ops.absparse.dense_decode(q, k, k, pt, sl, 0.125, False)
     assert (idx.shape, idx.dtype, cnt.shape, cnt.dtype) == ((5, 3, 37), torch.int32, (5, 3),
                                                             torch.int32)

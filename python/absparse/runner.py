@@ -105,7 +105,8 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     s = cfg.rope_scaling
     if s is None:
         return inv
-    factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+    factor, low = float(s["factor"]), float(s["low_freq_factor"])
+    high = float(s["high_freq_factor"])
     old_len = float(s["original_max_position_embeddings"])
     wavelen = 2 * math.pi / inv
     scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
