@@ -253,8 +253,9 @@ class LlamaRunner:
 
     @classmethod
     def from_hf(cls, model, **kwargs) -> "LlamaRunner":
-        """A runner with the weights of a transformers ``LlamaForCausalLM`` (copied; the model's
-        dtype and device)."""
+        """A runner with the weights of a transformers ``LlamaForCausalLM``, on the model's dtype
+        and device: q/k/v and gate/up projections are concatenated copies, the other weights
+        are the model's own tensors (shared, not copied)."""
         cfg = LlamaConfig.from_dict(model.config.to_dict())
         weights = {name: t.detach() for name, t in model.state_dict().items()}
         if cfg.tie_word_embeddings:
@@ -263,23 +264,23 @@ class LlamaRunner:
 
     def _load(self, w: dict) -> None:
         cfg = self.cfg
-        copy = lambda t: t.detach().to(self.device, self.dtype).contiguous()  # noqa: E731
-        self.embed = copy(w["model.embed_tokens.weight"])                       # [V, H]
-        self.norm = copy(w["model.norm.weight"])                                # [H]
+        own = lambda t: t.detach().to(self.device, self.dtype).contiguous()  # noqa: E731
+        self.embed = own(w["model.embed_tokens.weight"])                       # [V, H]
+        self.norm = own(w["model.norm.weight"])                                # [H]
         self.lm_head = (self.embed if cfg.tie_word_embeddings
-                        else copy(w["lm_head.weight"]))                         # [V, H]
+                        else own(w["lm_head.weight"]))                         # [V, H]
         self.layers = []
         for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}."
             a, m = p + "self_attn.", p + "mlp."
             self.layers.append(_Layer(
-                input_norm=copy(w[p + "input_layernorm.weight"]),
-                qkv=copy(torch.cat([w[a + "q_proj.weight"], w[a + "k_proj.weight"],
+                input_norm=own(w[p + "input_layernorm.weight"]),
+                qkv=own(torch.cat([w[a + "q_proj.weight"], w[a + "k_proj.weight"],
                                     w[a + "v_proj.weight"]])),
-                o=copy(w[a + "o_proj.weight"]),
-                post_norm=copy(w[p + "post_attention_layernorm.weight"]),
-                gate_up=copy(torch.cat([w[m + "gate_proj.weight"], w[m + "up_proj.weight"]])),
-                down=copy(w[m + "down_proj.weight"])))
+                o=own(w[a + "o_proj.weight"]),
+                post_norm=own(w[p + "post_attention_layernorm.weight"]),
+                gate_up=own(torch.cat([w[m + "gate_proj.weight"], w[m + "up_proj.weight"]])),
+                down=own(w[m + "down_proj.weight"])))
 
     def _allocate(self, batch: int, max_context: int) -> None:
         cfg, P, dev = self.cfg, self.page_size, self.device
