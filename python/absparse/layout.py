@@ -82,6 +82,8 @@ class LayerLayout:
             raise ValueError(f"LayerLayout: channel_scale: format '{self.format}' needs per-channel "
                              "channel_scale and channel_zero [Hk, D], got None")
         self._device_channels = {}
+        # The layout as plain Python values (the custom ops' arguments, read by torch.compile).
+        self._fields = (tuple(sizes), self.page_size, self.summary, self.format)
 
     page_size = property(lambda self: self._native.page_size)
     summary = property(lambda self: self._native.summary)

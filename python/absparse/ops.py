@@ -10,6 +10,11 @@ everything it can without reading device memory (shapes, dtypes, devices, layout
 GPU configurations) and raises ``ValueError`` before any device work; values such as ``seq_lens``
 or block lists stay on the device (reading them would synchronize), and the kernels clamp or skip
 bad ones instead of raising.
+
+Every function is also a torch.library custom op (``torch_ops.py``: ``absparse::update_centroids``
+and the others). While torch.compile traces a function, it calls that op, so compiled code
+(``fullgraph=True`` included) keeps the op in its graph; in eager mode it calls the binding
+directly (the same kernels, without the dispatcher's overhead).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import _C
+from . import torch_ops
 from .layout import LayerLayout
 
 __all__ = ["update_centroids", "select_blocks", "sparse_decode", "dense_decode", "quantize",
@@ -82,17 +88,28 @@ def _is_cuda(t) -> bool:
     return isinstance(t, torch.Tensor) and t.is_cuda
 
 
-def _dims(t, ndim: int) -> bool:
-    return isinstance(t, torch.Tensor) and t.dim() == ndim
-
-
 def _cuda_stream(t: torch.Tensor) -> int:
     """The current CUDA stream of t's device, as the integer handle the kernels launch on."""
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
-def _cuda_workspace(nbytes: int, device) -> Optional[torch.Tensor]:
-    return torch.empty(nbytes, dtype=torch.uint8, device=device) if nbytes > 0 else None
+def _compiling() -> bool:
+    """True while torch.compile traces the caller: call the custom op, not the binding."""
+    return torch.compiler.is_compiling()
+
+
+def _layout_fields(layout: LayerLayout) -> tuple:
+    """(block_sizes list, page_size, summary, format): the layout as custom-op arguments."""
+    sizes, page_size, summary, format = layout._fields
+    return list(sizes), page_size, summary, format
+
+
+@torch.compiler.assume_constant_result
+def _max_blocks_bound(fields: tuple, max_pages: int, budget_tokens: int, budget_fraction: float,
+                      sink_tokens: int, local_tokens: int) -> int:
+    """C++ max_blocks_bound of the layout with these fields (a constant to torch.compile)."""
+    return _C.max_blocks_bound(torch_ops.native_layout(*fields), max_pages, budget_tokens,
+                               budget_fraction, sink_tokens, local_tokens)
 
 
 def default_max_blocks(page_table: torch.Tensor, layout: LayerLayout,
@@ -115,9 +132,9 @@ def default_max_blocks(page_table: torch.Tensor, layout: LayerLayout,
     if token_budget is None:
         return -(-max_pages * layout.page_size // layout.min_block_size)
     budget_tokens, budget_fraction = _budget(token_budget)
-    return _C.max_blocks_bound(layout._native, max_pages, budget_tokens, budget_fraction,
-                               _non_negative_int(sink_tokens, "sink_tokens"),
-                               _non_negative_int(local_tokens, "local_tokens"))
+    return _max_blocks_bound(layout._fields, max_pages, budget_tokens, budget_fraction,
+                             _non_negative_int(sink_tokens, "sink_tokens"),
+                             _non_negative_int(local_tokens, "local_tokens"))
 
 
 def update_centroids(k_cache: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,
@@ -157,10 +174,16 @@ def update_centroids(k_cache: torch.Tensor, page_table: torch.Tensor, seq_lens: 
           or max_new_tokens < 1):
         raise ValueError(f"update_centroids: max_new_tokens: expected an int >= 1 or None, got "
                          f"{max_new_tokens!r}")
+    max_new_tokens = min(int(max_new_tokens), _UNBOUNDED)
+    if _compiling():
+        torch.ops.absparse.update_centroids(k_cache, page_table, seq_lens, start_pos,
+                                            *_layout_fields(layout), summaries, scales,
+                                            channel_scale, channel_zero, max_new_tokens)
+        return
     cuda = {"stream": _cuda_stream(k_cache)} if _is_cuda(k_cache) else {}
     _C.update_centroids(k_cache, page_table, seq_lens, start_pos, layout._native, summaries,
-                        scales, channel_scale, channel_zero,
-                        max_new_tokens=min(int(max_new_tokens), _UNBOUNDED), **cuda)
+                        scales, channel_scale, channel_zero, max_new_tokens=max_new_tokens,
+                        **cuda)
 
 
 def select_blocks(q: torch.Tensor, summaries: torch.Tensor, scales: Optional[torch.Tensor],
@@ -216,20 +239,18 @@ def select_blocks(q: torch.Tensor, summaries: torch.Tensor, scales: Optional[tor
         raise ValueError(f"select_blocks: max_blocks: expected an int in [0, 2^31), got "
                          f"{max_blocks!r}")
     scale = _default_scale(q, scale, "select_blocks")
-    batch = q.shape[0] if q.dim() == 3 else 0
-    hk = layout.num_kv_heads
-    block_indices = torch.empty((batch, hk, int(max_blocks)), dtype=torch.int32, device=q.device)
-    block_counts = torch.empty((batch, hk), dtype=torch.int32, device=q.device)
     channel_scale, channel_zero = layout.channel_params(q.device)
-    cuda = {}
-    if _is_cuda(q):
-        nbytes = (_C.select_blocks_workspace_size(batch, q.shape[1], layout._native,
-                                                  page_table.shape[1], group_reduce)
-                  if _dims(q, 3) and _dims(page_table, 2) else 0)
-        cuda = {"workspace": _cuda_workspace(nbytes, q.device), "stream": _cuda_stream(q)}
-    _C.select_blocks(q, summaries, scales, page_table, seq_lens, layout._native, channel_scale,
-                     channel_zero, budget_tokens, budget_fraction, sink_tokens, local_tokens,
-                     group_reduce, scale, block_indices, block_counts, **cuda)
+    if _compiling():
+        return torch.ops.absparse.select_blocks(
+            q, summaries, scales, page_table, seq_lens, *_layout_fields(layout), channel_scale,
+            channel_zero, budget_tokens, budget_fraction, sink_tokens, local_tokens,
+            group_reduce, scale, int(max_blocks))
+    block_indices, block_counts = torch_ops.select_outputs(q, layout.num_kv_heads,
+                                                           int(max_blocks))
+    torch_ops.run_select_blocks(q, summaries, scales, page_table, seq_lens, layout._native,
+                                channel_scale, channel_zero, budget_tokens, budget_fraction,
+                                sink_tokens, local_tokens, group_reduce, scale, block_indices,
+                                block_counts)
     return block_indices, block_counts
 
 
@@ -246,6 +267,15 @@ def _attention_out(q: torch.Tensor, out: Optional[torch.Tensor], return_lse: boo
         shape = tuple(q.shape[:2]) if q.dim() == 3 else (0, 0)
         lse = torch.empty(shape, dtype=torch.float32, device=q.device)
     return out, lse
+
+
+def _compiled_attention(result, out: Optional[torch.Tensor], return_lse: bool):
+    """The public return value from a custom op's (out, lse), copied into ``out`` if given."""
+    res, lse = result
+    if out is not None:
+        out.copy_(res)
+        res = out
+    return (res, lse) if return_lse else res
 
 
 def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -282,6 +312,10 @@ def sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         raise ValueError(f"sparse_decode: block_sizes: expected an int32 tensor [Hk] or a "
                          f"LayerLayout, got {type(block_sizes).__name__}")
     scale = _default_scale(q, scale, "sparse_decode")
+    if _compiling():
+        return _compiled_attention(torch.ops.absparse.sparse_decode(
+            q, k_cache, v_cache, page_table, seq_lens, block_sizes, block_indices, block_counts,
+            scale, bool(return_lse)), out, return_lse)
     out, lse = _attention_out(q, out, return_lse)
     cuda = _attention_cuda(q)
     _C.decode_attention(q, k_cache, v_cache, page_table, seq_lens, block_sizes, block_indices,
@@ -307,6 +341,9 @@ def dense_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     """
     _tensor(q, "dense_decode", "q")
     scale = _default_scale(q, scale, "dense_decode")
+    if _compiling():
+        return _compiled_attention(torch.ops.absparse.dense_decode(
+            q, k_cache, v_cache, page_table, seq_lens, scale, bool(return_lse)), out, return_lse)
     out, lse = _attention_out(q, out, return_lse)
     cuda = _attention_cuda(q)
     _C.decode_attention(q, k_cache, v_cache, page_table, seq_lens, None, None, None, scale, out,
