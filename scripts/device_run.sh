@@ -13,6 +13,8 @@
 #   ncu        Nsight Compute, --set full, one steady launch of each kernel at B8/128K    ncu.txt
 #   bench      bench/decode_bench.py (BENCH_ARGS, default --quick)     bench.log, decode_bench.json
 #   prefill    bench/prefill_bench.py (PREFILL_ARGS, default --quick)  bench.log, prefill_bench.json
+#   serve      GPU tests of the decode loop (tests/test_runner.py -k cuda), then bench/e2e_bench.py
+#              (E2E_ARGS, default --quick)                        tests.log, bench.log, e2e_bench.json
 #   gbench     absparse_bench_gpu (google-benchmark), carried in build/carry     bench.log, bench_gpu.json
 # The build log (with the ptxas register / spill report) is build.log: 8 files at most, the
 # device tool's limit.
@@ -127,6 +129,13 @@ fi
 if want prefill; then
   step prefill bench.log 60 240 "$PY" bench/prefill_bench.py ${PREFILL_ARGS:---quick} \
     --json "$OUT/prefill_bench.json"
+fi
+
+if want serve; then
+  step serve-tests tests.log 40 180 "$PY" -m pytest tests/test_runner.py -q -ra -k cuda \
+    -p no:cacheprovider
+  step e2e bench.log 60 420 "$PY" bench/e2e_bench.py ${E2E_ARGS:---quick} \
+    --json "$OUT/e2e_bench.json"
 fi
 
 if want gbench; then
