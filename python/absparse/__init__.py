@@ -12,6 +12,9 @@ from .allocation import (allocate_block_sizes, describe_layout, head_recall,
 from .layout import LayerLayout, ModelLayout
 from .ops import (default_max_blocks, dense_decode, dequantize, quantize, select_blocks,
                   sparse_decode, update_centroids)
+from .prefill_masks import (block_pool, coverage_select, flexprefill_mask, js_distance,
+                            last_block_attention, pbs_mask, pbs_permute, pooled_block_scores,
+                            vertical_slash_sums)
 
 __version__ = _C.__version__
 
@@ -23,3 +26,6 @@ __all__ = ["LayerLayout", "ModelLayout", "update_centroids", "select_blocks", "s
            "dense_decode", "quantize", "dequantize", "default_max_blocks", "cmake_prefix_path",
            "head_recall", "allocate_block_sizes", "uniform_block_sizes", "layout_from_allocation",
            "describe_layout"]
+__all__ += ["flexprefill_mask", "pbs_permute", "pbs_mask", "last_block_attention",
+            "vertical_slash_sums", "block_pool", "pooled_block_scores", "js_distance",
+            "coverage_select"]
