@@ -62,7 +62,8 @@ def as_sets(idx, cnt):
     return ref.lists_as_sets(idx, cnt)
 
 
-LENS = [700, 37, 0, 1, 520, 256]   # varlen: partial blocks, shorter than a block, empty, = 1 segment
+# varlen: partial blocks, shorter than a block, empty, length 1, exactly one segment
+LENS = [700, 37, 0, 1, 520, 256]
 
 
 # ---- primitives -------------------------------------------------------------------------------
@@ -205,7 +206,8 @@ FLEX_CASES = [  # (lens, Hq, Hk, block, gamma, tau, min_budget, max_budget, dtyp
 
 
 def flex_id(c):
-    return f"G{c[1] // c[2]}-bs{c[3]}-g{c[4]}-tau{c[5]}-min{c[6]}-max{c[7]}-{str(c[8]).replace('torch.', '')}"
+    data = str(c[8]).replace("torch.", "")
+    return f"G{c[1] // c[2]}-bs{c[3]}-g{c[4]}-tau{c[5]}-min{c[6]}-max{c[7]}-{data}"
 
 
 def flex_inputs(case):
@@ -295,7 +297,8 @@ def test_pbs_permute(ab, group, dtype):
             assert torch.equal(v_perm[s:s + L, h], v[s + p, h])
             complete = L // seg
             for c in range(complete):   # a permutation within each complete segment
-                assert sorted(p[c * seg:(c + 1) * seg].tolist()) == list(range(c * seg, (c + 1) * seg))
+                segment = range(c * seg, (c + 1) * seg)
+                assert sorted(p[segment].tolist()) == list(segment)
             assert p[complete * seg:].tolist() == list(range(complete * seg, L))   # tail stays
             if complete == 0 or L == seg:   # nothing to gain: identity
                 assert p.tolist() == list(range(L))
@@ -335,6 +338,23 @@ def test_pbs_mask_matches_reference(ab, case):
                 listed / causal if causal else 1.0, rel=1e-7)
     # A sparse selection happened somewhere (the test data is not all-dense).
     assert (info["density"][torch.tensor(PBS_LENS) > 2 * seg] < 1).any()
+
+
+def test_pbs_mask_causality_by_original_position(ab):
+    """Hand-made key positions (block 2, segment 4 = 2 blocks, one KV head): a diagonal-segment
+    block is listed when its smallest original position is <= the query block's last position,
+    also when that block lies after the query block in storage, and not listed when every key in
+    it is in the future. threshold 1 keeps every off-diagonal block."""
+    q, k, _, cu = make_batch([8], 1, 1, seed=15)
+    pos = torch.tensor([[0], [3], [1], [2], [7], [6], [5], [4]], dtype=torch.int32)
+    # block min positions: 0, 1 | 6, 4; query blocks' last positions: 1, 3 | 5, 7
+    idx, cnt, info = ab.pbs_mask(q, k, cu, pos, block_size=2, segment_size=4, threshold=1.0)
+    assert as_sets(idx, cnt)[0][0] == [{0, 1}, {0, 1}, {0, 1, 3}, {0, 1, 2, 3}]
+    assert info["density"].tolist() == [[1.0]]
+    # Without force_first and with a tiny threshold: one off-diagonal block per row of segment 1.
+    idx, cnt, _ = ab.pbs_mask(q, k, cu, pos, block_size=2, segment_size=4, threshold=1e-9,
+                              force_first=False)
+    assert cnt[0, 0].tolist() == [2, 2, 2, 3]
 
 
 def test_pbs_lists_and_positions_give_the_original_masked_attention(ab):
@@ -415,11 +435,14 @@ def _q_k_cu():
 
 
 @pytest.mark.parametrize("call,match", [
-    (lambda ab, q, k, v, cu: ab.flexprefill_mask(q, k, torch.tensor([0, 300, 200], dtype=torch.int32)),
+    (lambda ab, q, k, v, cu:
+        ab.flexprefill_mask(q, k, torch.tensor([0, 300, 200], dtype=torch.int32)),
      r"cu_seqlens\[2\]: expected >= cu_seqlens\[1\] = 300"),
-    (lambda ab, q, k, v, cu: ab.flexprefill_mask(q, k, torch.tensor([0, 300, 499], dtype=torch.int32)),
+    (lambda ab, q, k, v, cu:
+        ab.flexprefill_mask(q, k, torch.tensor([0, 300, 499], dtype=torch.int32)),
      r"cu_seqlens\[2\]: expected T = 500"),
-    (lambda ab, q, k, v, cu: ab.flexprefill_mask(q, k, torch.tensor([1, 300, 500], dtype=torch.int32)),
+    (lambda ab, q, k, v, cu:
+        ab.flexprefill_mask(q, k, torch.tensor([1, 300, 500], dtype=torch.int32)),
      r"cu_seqlens\[0\]: expected 0, got 1"),
     (lambda ab, q, k, v, cu: ab.flexprefill_mask(q, k, cu.long()),
      r"cu_seqlens: unsupported dtype torch.int64"),
@@ -431,14 +454,19 @@ def _q_k_cu():
      r"k: expected the dtype of q \(float32\), got float16"),
     (lambda ab, q, k, v, cu: ab.flexprefill_mask(q.int(), k, cu), r"q: expected dtype float16"),
     (lambda ab, q, k, v, cu: ab.flexprefill_mask(q[0], k, cu), r"q: expected 3 dimensions"),
-    (lambda ab, q, k, v, cu: ab.flexprefill_mask(q.transpose(1, 2).contiguous().transpose(1, 2), k, cu),
+    (lambda ab, q, k, v, cu:
+        ab.flexprefill_mask(q.transpose(1, 2).contiguous().transpose(1, 2), k, cu),
      r"q: expected a contiguous last dimension"),
-    (lambda ab, q, k, v, cu: ab.flexprefill_mask(q, k, cu, block_size=0), r"block_size: expected an int"),
-    (lambda ab, q, k, v, cu: ab.flexprefill_mask(q, k, cu, gamma=1.5), r"gamma: expected a value in \(0, 1\], got 1.5"),
-    (lambda ab, q, k, v, cu: ab.flexprefill_mask(q, k, cu, tau=-0.1), r"tau: expected a finite value >= 0"),
+    (lambda ab, q, k, v, cu:
+        ab.flexprefill_mask(q, k, cu, block_size=0), r"block_size: expected an int"),
+    (lambda ab, q, k, v, cu:
+        ab.flexprefill_mask(q, k, cu, gamma=1.5), r"gamma: expected a value in \(0, 1\], got 1.5"),
+    (lambda ab, q, k, v, cu:
+        ab.flexprefill_mask(q, k, cu, tau=-0.1), r"tau: expected a finite value >= 0"),
     (lambda ab, q, k, v, cu: ab.flexprefill_mask(q, k, cu, min_budget=1024, max_budget=512),
      r"max_budget: expected >= max\(min_budget, 1\) = 1024 tokens, got 512"),
-    (lambda ab, q, k, v, cu: ab.flexprefill_mask(q, k, cu, scale=float("nan")), r"scale: expected a finite float"),
+    (lambda ab, q, k, v, cu:
+        ab.flexprefill_mask(q, k, cu, scale=float("nan")), r"scale: expected a finite float"),
     (lambda ab, q, k, v, cu: ab.pbs_permute(q, k, v, cu, block_size=64, segment_size=96),
      r"segment_size: expected a positive multiple of block_size 64, got 96"),
     (lambda ab, q, k, v, cu: ab.pbs_permute(q, k, v[:, :1], cu), r"v.shape\[1\]: expected 2"),
@@ -452,7 +480,8 @@ def _q_k_cu():
      r"key_positions: unsupported dtype torch.int64"),
     (lambda ab, q, k, v, cu: ab.pbs_mask(q, k, cu, _identity(cu, 2), threshold=0.0),
      r"threshold: expected a value in \(0, 1\], got 0"),
-    (lambda ab, q, k, v, cu: ab.coverage_select(torch.rand(2, 3), 0.5, torch.tensor([1, 4], dtype=torch.int32)),
+    (lambda ab, q, k, v, cu:
+        ab.coverage_select(torch.rand(2, 3), 0.5, torch.tensor([1, 4], dtype=torch.int32)),
      r"lengths\[1\]: expected a value in \[0, 3\], got 4"),
     (lambda ab, q, k, v, cu: ab.coverage_select(torch.rand(2, 3).double(), 0.5),
      r"scores: unsupported dtype torch.float64"),

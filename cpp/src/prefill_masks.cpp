@@ -507,7 +507,9 @@ void flexprefill_mask_cpu(const FlexPrefillMaskParams& p) {
             for (int32_t d = 0; d < dim; ++d) qbar[d] += rows[r * dim + d] / n;
           }
           std::vector<double> estimate(nb);
-          for (int64_t j = 0; j < nb; ++j) estimate[j] = in.scale * dot(qbar.data(), &kbar[j * dim], dim);
+          for (int64_t j = 0; j < nb; ++j) {
+            estimate[j] = in.scale * dot(qbar.data(), &kbar[j * dim], dim);
+          }
           softmax(estimate.data(), nb);
           distance = js_distance(estimate.data(), vb.data(), nb);
           pattern = distance < p.tau ? 1 : 0;
