@@ -429,6 +429,20 @@ def test_strided_inputs_give_the_same_results(ab):
     assert torch.equal(ab.block_pool(k, cu, 64), ab.block_pool(sk, cu, 64))
 
 
+@pytest.mark.parametrize("lens", [[], [0, 0]], ids=["B0", "all-empty"])
+def test_empty_batches(ab, lens):
+    q, k, v, cu = make_batch(lens, 4, 2)
+    idx, cnt, info = ab.flexprefill_mask(q, k, cu)
+    assert idx.shape == (len(lens), 4, 0, 0) and cnt.shape == (len(lens), 4, 0)
+    assert (info["density"] == 1).all() and (info["pattern"] == 2).all()
+    k_perm, v_perm, pos = ab.pbs_permute(q, k, v, cu)
+    assert k_perm.shape == k.shape and pos.shape == (0, 2)
+    idx, cnt, info = ab.pbs_mask(q, k_perm, cu, pos)
+    assert idx.shape == (len(lens), 2, 0, 0) and (info["density"] == 1).all()
+    assert ab.last_block_attention(q, k, cu).shape == (len(lens), 4, 128, 0)
+    assert ab.pooled_block_scores(q, k, cu).shape == (len(lens), 4, 0, 0)
+
+
 def _q_k_cu():
     q, k, v, cu = make_batch([300, 200], 4, 2, seed=14)
     return q, k, v, cu

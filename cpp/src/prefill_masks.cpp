@@ -81,13 +81,14 @@ void check_segment_size(const char* fn, int32_t segment, int32_t bs, bool allow_
                      allow_zero ? " (or 0)" : "", ", got ", segment);
 }
 
-void check_lists_out(const char* fn, const BlockListsOut& out, int64_t num_blocks) {
+void check_lists_out(const char* fn, const BlockListsOut& out, int32_t batch, int64_t num_blocks) {
   ABSPARSE_CHECK_ARG(out.num_q_blocks >= num_blocks, fn, "block_indices.shape[2]: expected Nq >= ",
                      num_blocks, " = ceil(max_len / block_size), got ", out.num_q_blocks);
   ABSPARSE_CHECK_ARG(out.max_blocks >= out.num_q_blocks, fn,
                      "block_indices.shape[3]: expected M >= Nq = ", out.num_q_blocks, ", got ",
                      out.max_blocks);
-  ABSPARSE_CHECK_ARG(out.block_indices && out.block_counts, fn,
+  ABSPARSE_CHECK_ARG(batch == 0 || out.num_q_blocks == 0 || (out.block_indices && out.block_counts),
+                     fn,
                      "block_indices, block_counts: expected output pointers, got null");
 }
 
@@ -254,7 +255,8 @@ void last_block_attention_cpu(const LastBlockAttentionParams& p) {
   check_block_size(fn, p.block_size);
   ABSPARSE_CHECK_ARG(p.max_len >= max_len_of(seqs), fn, "probs.shape[3]: expected >= max_len ",
                      max_len_of(seqs), ", got ", p.max_len);
-  ABSPARSE_CHECK_ARG(p.probs != nullptr, fn, "probs: expected an output pointer, got null");
+  ABSPARSE_CHECK_ARG(p.probs || p.qk.batch == 0 || p.max_len == 0, fn,
+                     "probs: expected an output pointer, got null");
   const PrefillQK& in = p.qk;
   const int32_t group = in.num_q_heads / in.num_kv_heads;
   const int32_t heads = p.group_mean ? in.num_kv_heads : in.num_q_heads;
@@ -288,7 +290,7 @@ void vertical_slash_cpu(const VerticalSlashParams& p) {
   ABSPARSE_CHECK_ARG(p.num_heads > 0, fn, "probs.shape[1]: expected H > 0, got ", p.num_heads);
   ABSPARSE_CHECK_ARG(p.max_len >= max_len_of(seqs), fn, "probs.shape[3]: expected >= max_len ",
                      max_len_of(seqs), ", got ", p.max_len);
-  ABSPARSE_CHECK_ARG(p.probs && p.vertical && p.slash, fn,
+  ABSPARSE_CHECK_ARG(p.batch == 0 || p.max_len == 0 || (p.probs && p.vertical && p.slash), fn,
                      "probs, vertical, slash: expected pointers, got null");
   const int64_t width = p.max_len;
   std::vector<double> vertical, slash;
@@ -325,7 +327,8 @@ void block_pool_cpu(const BlockPoolParams& p) {
   const int64_t need = ceil_div(max_len_of(seqs), p.block_size);
   ABSPARSE_CHECK_ARG(p.num_blocks >= need, fn, "pooled.shape[2]: expected >= ceil(max_len / ",
                      "block_size) = ", need, ", got ", p.num_blocks);
-  ABSPARSE_CHECK_ARG(p.pooled && (p.total_tokens == 0 || p.x), fn,
+  ABSPARSE_CHECK_ARG((p.pooled || p.batch == 0 || p.num_blocks == 0) && (p.total_tokens == 0 || p.x),
+                     fn,
                      "x, pooled: expected pointers, got null");
   const int32_t dim = p.head_dim;
   std::vector<double> rows;
@@ -349,7 +352,8 @@ void pooled_block_scores_cpu(const PooledBlockScoresParams& p) {
   const int64_t need = ceil_div(max_len_of(seqs), p.block_size);
   ABSPARSE_CHECK_ARG(p.num_blocks >= need, fn, "scores.shape[2]: expected >= ceil(max_len / ",
                      "block_size) = ", need, ", got ", p.num_blocks);
-  ABSPARSE_CHECK_ARG(p.scores != nullptr, fn, "scores: expected an output pointer, got null");
+  ABSPARSE_CHECK_ARG(p.scores || p.qk.batch == 0 || p.num_blocks == 0, fn,
+                     "scores: expected an output pointer, got null");
   const PrefillQK& in = p.qk;
   const int32_t dim = in.head_dim, group = in.num_q_heads / in.num_kv_heads;
   const int32_t heads = p.group_mean ? in.num_kv_heads : in.num_q_heads;
@@ -383,7 +387,7 @@ void js_distance_cpu(const JsDistanceParams& p) {
   const char* fn = "js_distance";
   ABSPARSE_CHECK_ARG(p.rows >= 0 && p.n >= 0, fn, "p: expected a [rows, n] tensor, got rows = ",
                      p.rows, ", n = ", p.n);
-  ABSPARSE_CHECK_ARG(p.rows == 0 || (p.p && p.q && p.out), fn,
+  ABSPARSE_CHECK_ARG(p.rows == 0 || (p.out && (p.n == 0 || (p.p && p.q))), fn,
                      "p, q, out: expected pointers, got null");
   for (int64_t r = 0; r < p.rows; ++r) {
     const int64_t len = p.lengths ? p.lengths[r] : p.n;
@@ -405,7 +409,7 @@ void coverage_select_cpu(const CoverageSelectParams& p) {
                      "scores: expected a [rows, n] tensor with n < 2^31, got rows = ", p.rows,
                      ", n = ", p.n);
   ABSPARSE_CHECK_ARG(std::isfinite(p.gamma), fn, "gamma: expected a finite float, got ", p.gamma);
-  ABSPARSE_CHECK_ARG(p.rows == 0 || (p.scores && p.indices && p.counts), fn,
+  ABSPARSE_CHECK_ARG(p.rows == 0 || (p.counts && (p.n == 0 || (p.scores && p.indices))), fn,
                      "scores, indices, counts: expected pointers, got null");
   for (int64_t r = 0; r < p.rows; ++r) {
     const int64_t len = p.lengths ? p.lengths[r] : p.n;
@@ -446,7 +450,7 @@ void flexprefill_mask_cpu(const FlexPrefillMaskParams& p) {
   ABSPARSE_CHECK_ARG(p.max_budget >= std::max<int64_t>(p.min_budget, 1), fn,
                      "max_budget: expected >= max(min_budget, 1) = ",
                      std::max<int64_t>(p.min_budget, 1), " tokens, got ", p.max_budget);
-  check_lists_out(fn, p.out, ceil_div(max_len_of(seqs), p.block_size));
+  check_lists_out(fn, p.out, p.qk.batch, ceil_div(max_len_of(seqs), p.block_size));
   const PrefillQK& in = p.qk;
   const int32_t dim = in.head_dim, group = in.num_q_heads / in.num_kv_heads;
   const int64_t bs = p.block_size;
@@ -612,7 +616,7 @@ void pbs_mask_cpu(const PbsMaskParams& p) {
   check_segment_size(fn, p.segment_size, p.block_size, false);
   ABSPARSE_CHECK_ARG(p.threshold > 0.0 && p.threshold <= 1.0, fn,
                      "threshold: expected a value in (0, 1], got ", p.threshold);
-  check_lists_out(fn, p.out, ceil_div(max_len_of(seqs), p.block_size));
+  check_lists_out(fn, p.out, p.qk.batch, ceil_div(max_len_of(seqs), p.block_size));
   const PrefillQK& in = p.qk;
   ABSPARSE_CHECK_ARG(in.total_tokens == 0 || p.key_positions, fn,
                      "key_positions: expected a pointer, got null");

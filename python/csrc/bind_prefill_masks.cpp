@@ -42,8 +42,8 @@ TensorView output_arg(py::handle obj, const char* fn, const char* name, DType dt
   }
   expect_cpu(t, fn, name);
   expect_dtype(t, dtype, fn, name);
-  int64_t stride = 1;
-  for (int d = t.ndim - 1; d >= 0; --d) {
+  int64_t stride = 1;  // (an empty tensor has nothing to lay out)
+  for (int d = t.ndim - 1; d >= 0 && t.numel() > 0; --d) {
     ABSPARSE_CHECK_ARG(t.shape[d] <= 1 || t.strides[d] == stride, fn, name,
                        ": expected a contiguous tensor, got strides of shape ", t.shape_string());
     stride *= t.shape[d];
