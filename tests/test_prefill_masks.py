@@ -409,6 +409,38 @@ def test_flexprefill_lists_give_masked_attention_of_their_blocks(ab):
     assert (info["density"][0] < 1).all() and (info["density"][1] == 1).all()
 
 
+@pytest.mark.skipif(not hasattr(__import__("absparse"), "sparse_prefill"),
+                    reason="absparse.sparse_prefill (issue 7's prefill op) is not in this build")
+def test_lists_feed_sparse_prefill(ab):
+    """The builders' outputs go straight into sparse_prefill, which must give the float64 masked
+    attention of the lists (float32 inputs; basis: float64 accumulation rounded once to float32,
+    so 2 ulp of float32 plus float64 summation noise)."""
+    lens, hq, hk, bs, seg = [700, 90, 0, 300], 4, 2, 64, 128
+    q, k, v, cu = make_batch(lens, hq, hk, seed=16)
+    scale = 1 / math.sqrt(32)
+    idx, cnt, _ = ab.flexprefill_mask(q, k, cu, block_size=bs, min_budget=128)
+    out = ab.sparse_prefill(q, k, v, cu, idx, cnt, q_block=bs, k_block=bs)
+    want = ref.masked_attention(q, k, v, cu, idx, cnt, bs, scale)
+    torch.testing.assert_close(out.double(), want, rtol=F32_RTOL, atol=1e-6)
+    k_perm, v_perm, pos = ab.pbs_permute(q, k, v, cu, block_size=bs, segment_size=seg)
+    idx, cnt, _ = ab.pbs_mask(q, k_perm, cu, pos, block_size=bs, segment_size=seg)
+    out = ab.sparse_prefill(q, k_perm, v_perm, cu, idx, cnt, q_block=bs, k_block=bs,
+                            key_positions=pos)
+    want = ref.masked_attention(q, k_perm, v_perm, cu, idx, cnt, bs, scale, key_positions=pos)
+    torch.testing.assert_close(out.double(), want, rtol=F32_RTOL, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_raise_value_error(ab):
+    """No CUDA kernel for the builders yet: CUDA inputs are rejected, naming the argument."""
+    q, k, v, cu = (x.cuda() for x in make_batch([300], 4, 2))
+    with pytest.raises(ValueError, match="expected a CPU tensor"):
+        ab.flexprefill_mask(q, k, cu)
+    with pytest.raises(ValueError, match="expected a CPU tensor"):
+        ab.pbs_permute(q, k, v, cu)
+
+
 # ---- inputs -----------------------------------------------------------------------------------
 
 def test_strided_inputs_give_the_same_results(ab):
