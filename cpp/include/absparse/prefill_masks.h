@@ -204,4 +204,12 @@ void flexprefill_mask_cpu(const FlexPrefillMaskParams& p);
 void pbs_permute_cpu(const PbsPermuteParams& p);
 void pbs_mask_cpu(const PbsMaskParams& p);
 
+// The builders' validation that reads no tensor value (host fields, pointer presence, parameter
+// ranges): what a CUDA entry point can run before launching, with the messages of the *_cpu
+// functions. The *_cpu functions run it first, then check the values (cu_seqlens, Nq against the
+// lengths, key_positions).
+void check_flexprefill_mask_args(const FlexPrefillMaskParams& p);
+void check_pbs_permute_args(const PbsPermuteParams& p);
+void check_pbs_mask_args(const PbsMaskParams& p);
+
 }  // namespace absparse
