@@ -209,13 +209,15 @@ inline int64_t coverage_count(const double* score, const std::vector<int64_t>& o
   return static_cast<int64_t>(order.size());
 }
 
-// Softmax rows of pooled logits: A[i, j] = softmax_{j in allowed(i)} (s qbar_i . kbar_j) for
-// i < nb, j < nb; allowed(i) = [0, end(i)) with end(i) = i + 1 (segment 0) or the first block of
-// i's segment. Rows of A (nb x nb) outside allowed are 0.
+// The key blocks query block i may select are [0, allowed_end(i)): j <= i without segments
+// (blocks_per_segment = 0, FlexPrefill), else the blocks of the segments before i's (PBS-Attn).
 inline int64_t allowed_end(int64_t i, int64_t blocks_per_segment) {
   return blocks_per_segment == 0 ? i + 1 : (i / blocks_per_segment) * blocks_per_segment;
 }
 
+// a[i, j] += weight * softmax_{j < allowed_end(i)}(s qbar_i . kbar_j) for every query block
+// i < nb; a is [nb, nb] row-major, entries outside the allowed blocks are left as they are.
+// qbar, kbar: [nb, D] block means.
 inline void pooled_softmax(const std::vector<double>& qbar, const std::vector<double>& kbar,
                            int64_t nb, int32_t dim, double scale, int64_t blocks_per_segment,
                            double weight, std::vector<double>& a) {
