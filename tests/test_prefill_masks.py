@@ -475,6 +475,24 @@ def test_empty_batches(ab, lens):
     assert ab.pooled_block_scores(q, k, cu).shape == (len(lens), 4, 0, 0)
 
 
+def test_non_finite_inputs_give_well_formed_lists(ab):
+    """NaN or inf in q (docs: a softmax row with a non-finite logit is NaN; NaN ranks last and
+    weighs 0): the lists stay ascending and keep the forced blocks; other heads are unaffected."""
+    q, k, v, cu = make_batch([700, 300], 4, 2, seed=17)
+    q_bad = q.clone()
+    q_bad[650, 0, 3] = float("nan")
+    q_bad[200, 1, 0] = float("inf")
+    idx, cnt, info = ab.flexprefill_mask(q_bad, k, cu, block_size=64, min_budget=64)
+    rows = as_sets(idx, cnt)
+    assert all({0, i} <= rows[0][h][i] for h in range(2) for i in range(11))
+    good_idx, good_cnt, _ = ab.flexprefill_mask(q, k, cu, block_size=64, min_budget=64)
+    assert torch.equal(idx[:, 2:], good_idx[:, 2:]) and torch.equal(cnt[:, 2:], good_cnt[:, 2:])
+    k_perm, v_perm, pos = ab.pbs_permute(q_bad, k, v, cu, block_size=64, segment_size=128)
+    idx, cnt, _ = ab.pbs_mask(q_bad, k_perm, cu, pos, block_size=64, segment_size=128)
+    as_sets(idx, cnt)
+    assert sorted(pos[:640, 0].tolist()) == list(range(640))
+
+
 def _q_k_cu():
     q, k, v, cu = make_batch([300, 200], 4, 2, seed=14)
     return q, k, v, cu
