@@ -15,6 +15,9 @@ from .layout import LayerLayout, ModelLayout
 from .ops import (default_max_blocks, dense_decode, dequantize, quantize, select_blocks,
                   sparse_decode, update_centroids)
 from .prefill import dense_causal_block_lists, sparse_prefill
+from .prefill_masks import (block_pool, coverage_select, flexprefill_mask, js_distance,
+                            last_block_attention, pbs_mask, pbs_permute, pooled_block_scores,
+                            vertical_slash_sums)
 
 __version__ = _C.__version__
 
@@ -25,4 +28,6 @@ cmake_prefix_path = str(_Path(_C.__file__).resolve().parent)
 __all__ = ["LayerLayout", "ModelLayout", "update_centroids", "select_blocks", "sparse_decode",
            "dense_decode", "quantize", "dequantize", "default_max_blocks", "cmake_prefix_path",
            "head_recall", "allocate_block_sizes", "uniform_block_sizes", "layout_from_allocation",
-           "describe_layout", "sparse_prefill", "dense_causal_block_lists"]
+           "describe_layout", "sparse_prefill", "dense_causal_block_lists", "flexprefill_mask",
+           "pbs_permute", "pbs_mask", "last_block_attention", "vertical_slash_sums", "block_pool",
+           "pooled_block_scores", "js_distance", "coverage_select"]

@@ -7,6 +7,7 @@ void register_quantize(pybind11::module_& m);
 void register_decode(pybind11::module_& m);
 void register_calibration(pybind11::module_& m);
 void register_prefill(pybind11::module_& m);
+void register_prefill_masks(pybind11::module_& m);
 }  // namespace absparse::py_binding
 
 PYBIND11_MODULE(_C, m) {
@@ -22,4 +23,5 @@ PYBIND11_MODULE(_C, m) {
   absparse::py_binding::register_decode(m);
   absparse::py_binding::register_calibration(m);
   absparse::py_binding::register_prefill(m);
+  absparse::py_binding::register_prefill_masks(m);
 }

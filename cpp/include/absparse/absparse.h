@@ -3,6 +3,7 @@
 
 #include "absparse/calibration.h"
 #include "absparse/decode.h"
+#include "absparse/prefill_masks.h"
 #include "absparse/error.h"
 #include "absparse/layout.h"
 #include "absparse/numeric.h"
