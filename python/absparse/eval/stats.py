@@ -143,7 +143,7 @@ def decidable_cells(result) -> Dict[tuple, float]:
     acc: Dict[tuple, list] = {}
     for r in result.records:
         if r["method"] == "dense" and r["task"] != "ppl":
-            acc.setdefault((r["task"], r["length"]), []).append(r["score"])
+            acc.setdefault((r["task"], r.get("length")), []).append(r["score"])
     return {c: 100.0 * sum(v) / len(v) for c, v in sorted(acc.items())}
 
 
@@ -175,7 +175,8 @@ def paired_task_stats(result, decidable_only: bool = False) -> list:
     for budget in result.budget_keys():
         rows = {}
         for r in result.records:
-            if r["task"] != "ppl" and r["budget"] == budget and (r["task"], r["length"]) in keep:
+            if r["task"] != "ppl" and r["budget"] == budget and \
+                    (r["task"], r.get("length")) in keep:
                 rows[(r["method"], r["id"])] = r
         for m, ref, kind in comparisons(result.methods):
             ids = sorted(i for (mm, i) in rows if mm == m and (ref, i) in rows)
@@ -204,9 +205,9 @@ def paired_report(result) -> Tuple[List[str], dict]:
              "loses (the sign test for vartrack's fractional scores).", "",
              "Dense accuracy per cell (cells below 80 % are flagged: a method cannot recover what "
              "dense misses, so they dilute every difference):", "",
-             "| task | length | dense % | |", "|---|---|---|---|"]
+             "| task | length | dense % | decides |", "|---|---|---|---|"]
     for (task, length), acc in cells.items():
-        flag = "" if acc >= DECIDABLE_DENSE else "**below 80 %**"
+        flag = "ok" if acc >= DECIDABLE_DENSE else "**below 80 %**"
         lines.append(f"| {task} | {length} | {acc:.1f} | {flag} |")
     data = {"dense_cells": [{"task": t, "length": n, "dense": a} for (t, n), a in cells.items()]}
     for scope, only in (("all samples", False), ("decidable cells (dense >= 80 %)", True)):
