@@ -475,8 +475,8 @@ def plot_block_sizes(layouts: Dict[str, ModelLayout], path: Union[str, Path],
     cmap = ListedColormap([palette(i) for i in range(len(sizes))])
     cmap.set_bad("lightgrey")
     norm = BoundaryNorm([i - 0.5 for i in range(len(sizes) + 1)], len(sizes))
-    fig, axes = plt.subplots(1, len(names), figsize=(2.4 + 1.8 * len(names), 7), squeeze=False,
-                             sharey=True, layout="constrained")
+    fig, axes = plt.subplots(1, len(names), figsize=(max(5.5, 2.4 + 1.8 * len(names)), 7),
+                             squeeze=False, sharey=True, layout="constrained")
     for n, (ax, name) in enumerate(zip(axes[0], names)):
         lay = layouts[name]
         hk = next(l.num_kv_heads for l in lay.layers if l is not None)
@@ -498,9 +498,10 @@ def plot_block_sizes(layouts: Dict[str, ModelLayout], path: Union[str, Path],
         if n == 0:
             ax.set_ylabel("layer")
     handles = [Patch(color=cmap(i), label=f"block {b}") for i, b in enumerate(sizes)]
-    handles.append(Patch(color="lightgrey", label="dense layer (D)"))
+    if any(l is None for lay in layouts.values() for l in lay.layers):
+        handles.append(Patch(color="lightgrey", label="dense layer (D)"))
     fig.legend(handles=handles, loc="outside right center", fontsize=8, title="block size")
-    fig.suptitle("AB-Sparse block size per layer and KV head" +
-                 (f" (allocated at budget {budget})" if budget else ""), fontsize=10)
+    fig.suptitle("block size per layer and KV head" +
+                 (f"\nallocated at budget {budget}" if budget else ""), fontsize=10)
     fig.savefig(path, dpi=120)
     plt.close(fig)
