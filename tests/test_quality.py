@@ -141,3 +141,35 @@ def test_pairs_of_the_study():
         "format": {"quest-int4c": "quest", "ab-quest-int4c": "ab-quest"},
         "adaptive": {"ab-quest": "quest"},
         "memory": {"ab-quest-int4c-mem": "quest"}}
+
+
+def test_report_json_and_plot_on_hand_values(tmp_path):
+    """QualityResult aggregation: a document's value is its mean over layers (NaN layers
+    skipped); the paired difference is the mean of per-document differences."""
+    import json
+
+    from absparse.eval.quality import QualityResult, plot_recall, write_quality_report
+
+    nan = math.nan
+    # 3 documents x 2 layers; quest recall per doc = 0.5, 0.6, 0.7; ab-quest = quest + 0.1
+    quest = torch.tensor([[0.4, 0.6], [0.6, 0.6], [0.7, nan]], dtype=torch.float64)
+    values = {"quest": {"4%": {"recall": quest, "l2": quest / 10,
+                               "jaccard": torch.full((3, 2), nan, dtype=torch.float64)}},
+              "ab-quest": {"4%": {"recall": quest + 0.1, "l2": quest / 20,
+                                  "jaccard": torch.full((3, 2), nan, dtype=torch.float64)}}}
+    docs = [{"kind": "essay", "seed": i} for i in range(3)]
+    res = QualityResult(["quest", "ab-quest"], [0.04], docs, values,
+                        quality_pairs(["quest", "ab-quest"]),
+                        {"num_docs": 3, "doc_length": 512, "probes_per_doc": 4, "probes_total": 12,
+                         "num_layers": 2})
+    assert res.doc_means("quest", "4%", "recall").tolist() == pytest.approx([0.5, 0.6, 0.7])
+    d = res.diff("ab-quest", "quest", "4%")
+    assert d["delta"] == pytest.approx(0.1) and d["lo"] == pytest.approx(0.1)   # constant diff
+    text = write_quality_report(res, tmp_path / "quality.md")
+    assert "| quest | 60.00 [" in text and "| ab-quest - quest | AB-Sparse bf16" in text
+    data = json.loads((tmp_path / "quality.json").read_text())
+    assert data["summary"]["ab-quest"]["4%"]["recall"]["mean"] == pytest.approx(0.7)
+    assert data["differences"]["adaptive"]["ab-quest - quest"]["4%"]["delta"] == \
+        pytest.approx(0.1)
+    plot_recall(res, tmp_path / "recall.png")
+    assert (tmp_path / "recall.png").read_bytes()[:4] == b"\x89PNG"
