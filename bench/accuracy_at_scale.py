@@ -71,9 +71,14 @@ def _ci(c, f=100.0):
 
 def summarize(out: Path, commands, seconds, scale: str) -> str:
     """results.md: the issue's goals with the measured values and intervals."""
+    from absparse.eval.model_calibration import budget_key, parse_budget
+    from absparse.eval.quality import QualityResult, plot_recall
+
     q = json.loads((out / "quality" / "quality.json").read_text())
     p = json.loads((out / "eval" / "paired.json").read_text())
-    budgets = q["budgets"]
+    budgets = [budget_key(parse_budget(b)) for b in q["budgets"]]
+    # The recall plot again from the JSON (the plot code may be newer than the run).
+    plot_recall(QualityResult.from_json(q), out / "quality" / "recall_vs_budget.png")
     lines = [f"# Accuracy at scale ({scale} setting), {datetime.date.today().isoformat()}", "",
              "- device: " + next(l for l in (out / "quality" / "quality.md").read_text()
                                  .splitlines() if l.startswith("- device:"))[10:],

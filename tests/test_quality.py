@@ -171,5 +171,7 @@ def test_report_json_and_plot_on_hand_values(tmp_path):
     assert data["summary"]["ab-quest"]["4%"]["recall"]["mean"] == pytest.approx(0.7)
     assert data["differences"]["adaptive"]["ab-quest - quest"]["4%"]["delta"] == \
         pytest.approx(0.1)
+    back = QualityResult.from_json(data)
+    assert back.budgets == [0.04] and back.diff("ab-quest", "quest", "4%") == d
     plot_recall(res, tmp_path / "recall.png")
     assert (tmp_path / "recall.png").read_bytes()[:4] == b"\x89PNG"
