@@ -43,7 +43,7 @@ SCALES = {
                "eval": ["--lengths", "2048", "--tasks", "passkey", "--depths",
                         "0.1,0.3,0.5,0.7,0.9", "--seeds", "2", "--ppl-samples", "0",
                         "--budgets", "8%", "--methods", "quest,ab-quest,ab-quest-int4c"]},
-    "full": {"quality": ["--length", "4096", "--docs-per-kind", "16", "--quality-probes", "64",
+    "full": {"quality": ["--length", "4096", "--docs-per-kind", "16", "--quality-probes", "32",
                          "--calib-samples", "8", "--calib-length", "4096",
                          "--budgets", "256,4%,8%,12.5%"],
              "eval": ["--lengths", "2048,4096", "--tasks", "passkey,multikey,vartrack",
