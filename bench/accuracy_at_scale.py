@@ -69,6 +69,51 @@ def _ci(c, f=100.0):
     return f"{v * f:+.2f} [{c['lo'] * f:+.2f}, {c['hi'] * f:+.2f}]"
 
 
+def _count(flag_values, flag):
+    return len(flag_values[flag_values.index(flag) + 1].split(","))
+
+
+def projection(out: Path, q: dict, p: dict) -> list:
+    """The full setting and its time, scaled linearly from this capped run's measured times
+    (quality: per document and probe; eval: per sample x decode run, per token of context)."""
+    import re
+
+    cap, full = SCALES["capped"], SCALES["full"]
+    m = q["meta"]
+    per_doc = m["seconds"] / m["num_docs"]
+    probes = int(full["quality"][full["quality"].index("--quality-probes") + 1])
+    docs = int(full["quality"][full["quality"].index("--docs-per-kind") + 1]) * 4
+    # Upper bound: the whole per-document time scales with the probes (the dense pass does not).
+    quality_h = docs * per_doc * probes / m["probes_per_doc"] / 3600
+    text = (out / "eval" / "results.md").read_text()
+    eval_s = float(re.search(r"evaluation ([0-9.]+) s", text).group(1))
+    samples = len(p["all"]) and p["all"][0]["n"]
+
+    def runs(flags):
+        return 1 + _count(flags, "--budgets") * _count(flags, "--methods")
+
+    def tokens(flags):
+        lengths = [int(x) for x in flags[flags.index("--lengths") + 1].split(",")]
+        return sum(lengths) / len(lengths)
+
+    per_unit = eval_s / (samples * runs(cap["eval"]) * tokens(cap["eval"]))
+    full_samples = (_count(full["eval"], "--tasks") * _count(full["eval"], "--lengths")
+                    * _count(full["eval"], "--depths")
+                    * int(full["eval"][full["eval"].index("--seeds") + 1]))
+    eval_h = per_unit * full_samples * runs(full["eval"]) * tokens(full["eval"]) / 3600
+    return ["## Full setting and its projected time", "",
+            f"`--scale full`: quality on {docs} documents x {probes} probes "
+            f"({docs * probes} probes per layer and KV head); tasks: {full_samples} samples "
+            f"(`{' '.join(full['eval'])}`), the count that brings the paired task interval near "
+            f"+-2 points when ~10 % of the pairs disagree (SE ~ sqrt(0.1 / n)).", "",
+            f"Projected by linear scaling of this run's measured times on the same shared "
+            f"machine ({per_doc:.0f} s per quality document at {m['probes_per_doc']} probes; "
+            f"{per_unit * 1e3:.2f} ms per sample x decode run x context token): quality at most "
+            f"{quality_h:.1f} h, tasks {eval_h:.0f} h, on one torch thread. The task part is "
+            f"bound by the model's own forward passes (see profile.md), not by absparse's ops: "
+            f"the full setting needs a GPU (or many CPU hours), the quality part does not.", ""]
+
+
 def summarize(out: Path, commands, seconds, scale: str) -> str:
     """results.md: the issue's goals with the measured values and intervals."""
     from absparse.eval.model_calibration import budget_key, parse_budget
@@ -90,7 +135,8 @@ def summarize(out: Path, commands, seconds, scale: str) -> str:
               "Details: [quality/quality.md](quality/quality.md) (recall, L2, Jaccard per method, "
               "budget and layer), [eval/results.md](eval/results.md) (task accuracy, paired "
               "differences), plots `quality/recall_vs_budget.png`, "
-              "`eval/accuracy_vs_budget.png`, `eval/block_sizes.png`.", "",
+              "`eval/accuracy_vs_budget.png`, `eval/block_sizes.png`; where the evaluation time goes: "
+              "[profile.md](profile.md).", "",
               "## Goals of the issue, measured", "",
               "Attention recall differences in points of % (95 % percentile-bootstrap interval "
               "over documents, per-document means over probes, heads and layers):", "",
@@ -113,6 +159,8 @@ def summarize(out: Path, commands, seconds, scale: str) -> str:
         lines.append("")
     lines += ["Dense accuracy per cell: " + ", ".join(
         f"{c['task']}@{c['length']} {c['dense']:.0f} %" for c in p["dense_cells"]), ""]
+    if scale == "capped":
+        lines += projection(out, q, p)
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     return text
