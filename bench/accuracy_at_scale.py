@@ -1,4 +1,4 @@
-"""Accuracy at a resolution that can decide (issue 9): the long evaluation run, outside the main job.
+"""Accuracy at a resolution that can decide (issue 9): the long evaluation run (not the main job).
 
 Two stages, each an ``absparse`` command with its own committed output:
 
@@ -135,7 +135,8 @@ def summarize(out: Path, commands, seconds, scale: str) -> str:
               "Details: [quality/quality.md](quality/quality.md) (recall, L2, Jaccard per method, "
               "budget and layer), [eval/results.md](eval/results.md) (task accuracy, paired "
               "differences), plots `quality/recall_vs_budget.png`, "
-              "`eval/accuracy_vs_budget.png`, `eval/block_sizes.png`; where the evaluation time goes: "
+              "`eval/accuracy_vs_budget.png`, `eval/block_sizes.png`; where the evaluation time "
+              "goes: "
               "[profile.md](profile.md).", "",
               "## Goals of the issue, measured", "",
               "Attention recall differences in points of % (95 % percentile-bootstrap interval "

@@ -121,7 +121,8 @@ BAD_ARGS = [
     (["demo", "--min-len", "100", "--max-len", "50"], "--max-len: expected at least --min-len"),
     (["demo", "--page-size", "48"], "--page-size: expected a power of two >= 64"),
     (["demo", "--bogus"], "unrecognized arguments: --bogus"),
-    (["quality", "--kinds", "essay,poem"], "--kinds: expected kinds from essay, noise, prose, code"),
+    (["quality", "--kinds", "essay,poem"], "--kinds: expected kinds from essay, noise, prose, "
+                                           "code"),
     (["quality", "--quality-probes", "0"], "--quality-probes: expected an integer >= 1"),
     (["quality", "--docs-per-kind", "0"], "--docs-per-kind: expected an integer >= 1"),
     (["quality", "--length", "100"], "--length: expected at least two pages (128 tokens)"),

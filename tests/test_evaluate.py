@@ -102,8 +102,9 @@ def test_report_figures(result, tmp_path):
     # paired statistics (absparse.eval.stats): ab-quest - quest @128 = macro of passkey
     # (1 + 1 - 1 - 0) / 2 = +50 and vartrack +100 -> +75, wins p1 and v0 -> McNemar p = 2 / 4
     paired = text.split("## Paired differences")[1]
-    assert "| passkey | None | 100.0 | ok |" in paired and "| vartrack | None | 50.0 | **below 80 %** |" \
-        in paired
-    row = next(l for l in paired.splitlines() if l.startswith("| ab-quest - quest | vs uniform | 128"))
+    assert "| passkey | None | 100.0 | ok |" in paired
+    assert "| vartrack | None | 50.0 | **below 80 %** |" in paired
+    row = next(l for l in paired.splitlines()
+               if l.startswith("| ab-quest - quest | vs uniform | 128"))
     assert "| +75.0 [" in row and row.endswith("| 3 | 2/0 | 0.500 |"), row
     assert (tmp_path / "paired.json").is_file()

@@ -1,7 +1,5 @@
 """absparse.eval.stats: intervals on known cases, coverage on simulated samples, McNemar on a
 hand-made table, and the paired task statistics on hand-written evaluation records."""
-import math
-
 import pytest
 import torch
 
@@ -85,7 +83,8 @@ def _records():
                      "id": f"p{i}", "score": 1.0})
         rows.append({"method": "dense", "budget": None, "task": "vartrack", "length": 1024,
                      "id": f"v{i}", "score": float(i == 0)})
-    for m, pk, vt in (("quest", [1, 0, 0, 0], [0, 0, 0, 0]), ("ab-quest", [1, 1, 1, 0], [0, 0, 0, 1]),
+    for m, pk, vt in (("quest", [1, 0, 0, 0], [0, 0, 0, 0]),
+                      ("ab-quest", [1, 1, 1, 0], [0, 0, 0, 1]),
                       ("ab-quest-int4c", [1, 1, 0, 0], [0, 0, 0, 1])):
         for i in range(4):
             rows.append({"method": m, "budget": "4%", "task": "passkey", "length": 1024,

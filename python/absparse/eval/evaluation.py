@@ -17,7 +17,8 @@ Methods are named ``[ab-]BASE[-FORMAT][-mem][+dN]``:
   average block size ("count" constraint at ``avg_block_size * bits / 16``; quantized formats only);
 - ``+dN``: the first N layers stay dense (Quest's default is N = 2).
 
-``dense`` (``dense_decode`` in every layer) is always evaluated.
+``dense`` (``dense_decode`` in every layer) is always evaluated. The report's paired differences
+with 95 % intervals come from :mod:`absparse.eval.stats`.
 """
 from __future__ import annotations
 
@@ -472,8 +473,7 @@ def plot_block_sizes(layouts: Dict[str, ModelLayout], path: Union[str, Path],
     sizes = sorted({int(b) for lay in layouts.values() for l in lay.layers if l is not None
                     for b in l.block_sizes.tolist()})
     palette = plt.get_cmap("viridis", max(2, len(sizes)))
-    cmap = ListedColormap([palette(i) for i in range(len(sizes))])
-    cmap.set_bad("lightgrey")
+    cmap = ListedColormap([palette(i) for i in range(len(sizes))]).with_extremes(bad="lightgrey")
     norm = BoundaryNorm([i - 0.5 for i in range(len(sizes) + 1)], len(sizes))
     fig, axes = plt.subplots(1, len(names), figsize=(max(5.5, 2.4 + 1.8 * len(names)), 7),
                              squeeze=False, sharey=True, layout="constrained")

@@ -208,7 +208,8 @@ def _dense_probs(q: torch.Tensor, k: torch.Tensor, lens: torch.Tensor, scale: fl
 
 def layer_quality(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                   layouts: Dict[str, LayerLayout], budget: Union[int, float],
-                  pairs: Dict[str, str] = None, sink_tokens: int = 16, local_tokens: int = 64,
+                  pairs: Optional[Dict[str, str]] = None, sink_tokens: int = 16,
+                  local_tokens: int = 64,
                   group_reduce: str = "max", scale: Optional[float] = None,
                   dense=None) -> Dict[str, Dict[str, torch.Tensor]]:
     """Selection quality of every layout on one layer of one document.
@@ -591,6 +592,7 @@ def _run(args, argv) -> int:
     from .arguments import check_environment, check_layouts, load_calibration, make_out
     from .arguments import placeholder_calibration
     from .cli import _device_description, _load
+    from .model_calibration import budget_key
 
     _check(args)
     cal = load_calibration(Path(args.calibration)) if args.calibration else None
@@ -626,7 +628,7 @@ def _run(args, argv) -> int:
         f"- wall time: {time.perf_counter() - started:.0f} s (measurement {res.meta['seconds']} s)",
         f"- calibration: {cal.meta.get('calibration_samples')} x "
         f"{cal.meta.get('calibration_length')} tokens of chronicle text (seeds and text disjoint "
-        f"from these documents), budgets {', '.join(str(b) for b in cal.budgets)}",
+        f"from these documents), budgets {', '.join(budget_key(b) for b in cal.budgets)}",
         f"- selection: average block size {args.avg_block_size}, sink {args.sink_tokens}, local "
         f"{args.local_tokens}, group reduce {args.group_reduce}", ""])
     text = write_quality_report(res, out / "quality.md", header)

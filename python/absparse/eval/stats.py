@@ -32,7 +32,8 @@ def _vector(values, name: str) -> torch.Tensor:
     if t.numel() == 0:
         raise ValueError(f"{name}: expected at least one value, got none")
     if not torch.isfinite(t).all():
-        raise ValueError(f"{name}: expected finite values, got {t[~torch.isfinite(t)][:3].tolist()}")
+        bad = t[~torch.isfinite(t)][:3].tolist()
+        raise ValueError(f"{name}: expected finite values, got {bad}")
     return t
 
 
@@ -134,8 +135,9 @@ def t_interval(values, level: float = 0.95) -> Dict[str, float]:
     return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n}
 
 
-# --- paired task statistics of the evaluation (absparse.eval.evaluation.EvalResult) ----------------
-DECIDABLE_DENSE = 80.0   # a (task, length) cell decides a comparison only where dense scores >= this
+# --- paired task statistics of the evaluation (absparse.eval.evaluation.EvalResult) ------------
+# A (task, length) cell decides a comparison only where dense scores at least this (%).
+DECIDABLE_DENSE = 80.0
 
 
 def decidable_cells(result) -> Dict[tuple, float]:
