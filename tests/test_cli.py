@@ -55,12 +55,13 @@ def _error_line(capsys, rc, expected_rc=2):
 def _parsers():
     """(name, parser) of absparse, each of its commands and absparse demo."""
     from absparse.eval.demo import _parser as demo_parser
+    from absparse.eval.quality import _parser as quality_parser
 
     top = arguments.parser(cli.__doc__)
     sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
     out = [("absparse", top)]
-    out += [(f"absparse {n}", p) for n, p in sub.choices.items() if n != "demo"]
-    return out + [("absparse demo", demo_parser())]
+    out += [(f"absparse {n}", p) for n, p in sub.choices.items() if n not in ("demo", "quality")]
+    return out + [("absparse demo", demo_parser()), ("absparse quality", quality_parser())]
 
 
 @pytest.mark.parametrize("name,parser", _parsers(), ids=lambda x: x if isinstance(x, str) else "")
@@ -82,7 +83,7 @@ def test_top_level_help(capsys):
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
     for cmd in ("absparse run", "absparse calibrate", "absparse eval --calibration DIR",
-                "absparse demo", "Exit status"):
+                "absparse demo", "absparse quality", "Exit status"):
         assert cmd in out, out
 
 
@@ -120,6 +121,16 @@ BAD_ARGS = [
     (["demo", "--min-len", "100", "--max-len", "50"], "--max-len: expected at least --min-len"),
     (["demo", "--page-size", "48"], "--page-size: expected a power of two >= 64"),
     (["demo", "--bogus"], "unrecognized arguments: --bogus"),
+    (["quality", "--kinds", "essay,poem"], "--kinds: expected kinds from essay, noise, prose, "
+                                           "code"),
+    (["quality", "--quality-probes", "0"], "--quality-probes: expected an integer >= 1"),
+    (["quality", "--docs-per-kind", "0"], "--docs-per-kind: expected an integer >= 1"),
+    (["quality", "--length", "100"], "--length: expected at least two pages (128 tokens)"),
+    (["quality", "--methods", "quest+d2"], "dense layers (+dN) are not measured here"),
+    (["quality", "--methods", "quest-int3"], "--methods: method: expected"),
+    (["quality", "--budgets", "4%,150%"], "--budgets: expected token counts >= 1"),
+    (["quality", "--calibration", "/nonexistent/absparse"], "holds no calibration.pt"),
+    (["quality", "--bogus"], "unrecognized arguments: --bogus"),
 ]
 
 

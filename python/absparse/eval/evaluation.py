@@ -17,7 +17,8 @@ Methods are named ``[ab-]BASE[-FORMAT][-mem][+dN]``:
   average block size ("count" constraint at ``avg_block_size * bits / 16``; quantized formats only);
 - ``+dN``: the first N layers stay dense (Quest's default is N = 2).
 
-``dense`` (``dense_decode`` in every layer) is always evaluated.
+``dense`` (``dense_decode`` in every layer) is always evaluated. The report's paired differences
+with 95 % intervals come from :mod:`absparse.eval.stats`.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import torch
 
 from ..layout import ModelLayout
 from .model_calibration import Calibration, budget_key
+from .stats import paired_report
 from .tasks import Sample, score_output
 
 if TYPE_CHECKING:  # absparse.hf imports transformers: loaded only when a model runs
@@ -361,7 +363,9 @@ def _fmt(x: Optional[float], digits: int = 1) -> str:
 
 def write_report(result: EvalResult, path: Union[str, Path], header: str = "") -> str:
     """Markdown tables: average accuracy per method and budget, per-task accuracy, NLL of the
-    ppl documents, selection disagreement vs fp32 summaries, summary memory, and the goal check."""
+    ppl documents, selection disagreement vs fp32 summaries, summary memory, the goal check, and
+    the paired differences with intervals (:func:`absparse.eval.stats.paired_report`, also
+    written as ``paired.json`` next to ``path``)."""
     bk = result.budget_keys()
     tasks = result.task_names()
     kib = result.meta.get("summary_kib_per_1k", {})
@@ -413,8 +417,11 @@ def write_report(result: EvalResult, path: Union[str, Path], header: str = "") -
             c = result.compare(m, ref, b)
             cells.append(f"{c['delta']:+.1f} ({c['wins']}/{c['losses']})")
         lines.append(f"| {m} - {ref} | " + " | ".join(cells) + " |")
+    paired_lines, paired_data = paired_report(result)
+    lines += paired_lines
     text = "\n".join(lines) + "\n"
     Path(path).write_text(text)
+    Path(path).with_name("paired.json").write_text(json.dumps(paired_data, indent=1))
     return text
 
 
@@ -430,16 +437,19 @@ def plot_accuracy(result: EvalResult, path: Union[str, Path]) -> None:
     markers = {"fp32": "P", "fp16": "X", "bf16": "o", "int8c": "s", "int4c": "^"}
     fig, ax = plt.subplots(figsize=(9, 5.5))
     ax.axhline(result.accuracy("dense", None), color="black", ls="--", label="dense")
-    for m in result.methods:
+    width = 0.25                                   # series are spread over +-width/2 per budget
+    for n, m in enumerate(result.methods):
         spec = parse_method(m)
         style = ("-" if spec.adaptive else ":") if not spec.dense_first else \
             ("-." if spec.adaptive else (0, (1, 3)))
-        ax.plot(x, [result.accuracy(m, b) for b in bk], linestyle=style,
+        shift = width * (n / max(1, len(result.methods) - 1) - 0.5)
+        ax.plot([i + shift for i in x], [result.accuracy(m, b) for b in bk], linestyle=style,
                 color=colors[spec.base], marker="D" if spec.memory_matched else
                 markers[spec.format], alpha=0.85, label=m)
     ax.set_xticks(x, [f"budget {b}" for b in bk])
     ax.set_ylabel("average task accuracy (%)")
-    ax.set_xlabel("token budget (dotted: uniform blocks, solid: AB-Sparse; marker: summary format)")
+    ax.set_xlabel("token budget (dotted: uniform blocks, solid: AB-Sparse, dash-dot: +dN; "
+                  "marker: summary format, D: -mem; series offset sideways)")
     ax.set_title(result.meta.get("title", "accuracy vs token budget"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -448,30 +458,38 @@ def plot_accuracy(result: EvalResult, path: Union[str, Path]) -> None:
     plt.close(fig)
 
 
-def plot_block_sizes(layouts: Dict[str, ModelLayout], path: Union[str, Path]) -> None:
-    """Heat map of the block size of every layer x KV head, one panel per layout."""
+def plot_block_sizes(layouts: Dict[str, ModelLayout], path: Union[str, Path],
+                     budget: Optional[str] = None) -> None:
+    """Map of the block size of every layer x KV head, one panel per layout: one discrete colour
+    per block size (legend), "D" for dense layers; ``budget`` (the calibrated budget the
+    allocation was made for) goes into the title."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.patches import Patch
 
     names = list(layouts)
-    sizes = [int(b) for lay in layouts.values() for l in lay.layers if l is not None
-             for b in l.block_sizes.tolist()]
-    lo, hi = math.log2(min(sizes)), max(math.log2(max(sizes)), math.log2(min(sizes)) + 1)
-    fig, axes = plt.subplots(1, len(names), figsize=(2.4 + 1.8 * len(names), 7), squeeze=False,
-                             sharey=True, layout="constrained")
+    sizes = sorted({int(b) for lay in layouts.values() for l in lay.layers if l is not None
+                    for b in l.block_sizes.tolist()})
+    palette = plt.get_cmap("viridis", max(2, len(sizes)))
+    cmap = ListedColormap([palette(i) for i in range(len(sizes))]).with_extremes(bad="lightgrey")
+    norm = BoundaryNorm([i - 0.5 for i in range(len(sizes) + 1)], len(sizes))
+    fig, axes = plt.subplots(1, len(names), figsize=(max(5.5, 2.4 + 1.8 * len(names)), 7),
+                             squeeze=False, sharey=True, layout="constrained")
     for n, (ax, name) in enumerate(zip(axes[0], names)):
         lay = layouts[name]
         hk = next(l.num_kv_heads for l in lay.layers if l is not None)
-        grid = torch.full((len(lay), hk), float("nan"))
+        grid = torch.full((len(lay), hk), float("nan"))                  # index into ``sizes``
         for i, l in enumerate(lay.layers):
             if l is not None:
-                grid[i] = torch.log2(l.block_sizes.float())
-        im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", vmin=lo, vmax=hi)
+                grid[i] = torch.tensor([sizes.index(int(b)) for b in l.block_sizes.tolist()],
+                                       dtype=torch.float32)
+        ax.imshow(grid.numpy(), aspect="auto", cmap=cmap, norm=norm, interpolation="nearest")
         for i, l in enumerate(lay.layers):
             for h in range(hk):
                 label = "D" if l is None else str(int(l.block_sizes[h]))
-                light = l is not None and math.log2(int(l.block_sizes[h])) > (lo + hi) / 2
+                light = l is None or sizes.index(int(l.block_sizes[h])) >= len(sizes) / 2
                 ax.text(h, i, label, ha="center", va="center", fontsize=6,
                         color="black" if light else "white")
         ax.set_title(name, fontsize=8)
@@ -479,7 +497,11 @@ def plot_block_sizes(layouts: Dict[str, ModelLayout], path: Union[str, Path]) ->
         ax.set_xticks(range(hk))
         if n == 0:
             ax.set_ylabel("layer")
-    cbar = fig.colorbar(im, ax=axes[0].tolist(), shrink=0.6)
-    cbar.set_label("log2 block size")
+    handles = [Patch(color=cmap(i), label=f"block {b}") for i, b in enumerate(sizes)]
+    if any(l is None for lay in layouts.values() for l in lay.layers):
+        handles.append(Patch(color="lightgrey", label="dense layer (D)"))
+    fig.legend(handles=handles, loc="outside right center", fontsize=8, title="block size")
+    fig.suptitle("block size per layer and KV head" +
+                 (f"\nallocated at budget {budget}" if budget else ""), fontsize=10)
     fig.savefig(path, dpi=120)
     plt.close(fig)
