@@ -124,6 +124,23 @@ def test_plan_gives_the_far_head_the_long_span_within_budget():
     assert plan.spans(1024)[1].tolist() == [128, 128] and plan.spans(2048)[1].tolist() == [256, 256]
 
 
+def test_outside_influence_is_what_the_served_window_drops():
+    """Per (query block i, key block j < i): dropped iff j is past the sink block and no token
+    of j is among the last `span` tokens of block i's last row (the served window)."""
+    from absparse.moa import outside_influence
+
+    g = torch.Generator().manual_seed(3)
+    inf = torch.rand(2, 9, 9, generator=g, dtype=torch.float64)
+    for span in (0, 1, 63, 64, 65, 128, 300, 576, 1000):
+        want = torch.zeros(2, dtype=torch.float64)
+        for i in range(9):
+            last_row = (i + 1) * 64 - 1
+            for j in range(1, i):
+                if (j + 1) * 64 - 1 < last_row + 1 - span:       # no token of j in the window
+                    want += inf[:, i, j]
+        torch.testing.assert_close(outside_influence(inf, span), want, rtol=1e-12, atol=0)
+
+
 def test_plan_round_trips_with_the_model_layout(tmp_path):
     plan = moa_plan(_far_and_local(), {1024: 320, 2048: 512}, meta={"note": "test"})
     plan.save(tmp_path / "plan.json")
@@ -298,3 +315,38 @@ def test_paired_bootstrap():
     assert r["mean"] == 0 and r["low"] < 0 < r["high"]
     with pytest.raises(ValueError):
         paired_bootstrap([1], [1, 2])
+
+
+# --- GPU benchmark script, CPU smoke run ------------------------------------------------------
+def _moa_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "moa_bench.py"
+    spec = importlib.util.spec_from_file_location("moa_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_byte_model_counts_what_the_lists_attend():
+    """The benchmark's bytes come from attended_tokens: equal to the tokens of the lists."""
+    bench = _moa_bench()
+    for name, plan in bench.PLANS.items():
+        const = torch.tensor([8 * a for a, _ in plan])
+        slope = torch.tensor([k for _, k in plan])
+        bs = torch.full((len(plan),), 64)
+        for L in (1000, 32768, 131072 - 5):
+            M = max_window_blocks(L, const, slope, 8, bs, 64)
+            _, cnt = window_blocks(torch.tensor([L], dtype=torch.int32), const, slope, 8, bs, 64, M)
+            assert bench.attended_tokens(plan, L) == int(cnt.sum()) * 64 + len(plan) * (L % 64)
+
+
+def test_bench_tiny_runs_on_the_cpu(tmp_path, capsys):
+    bench = _moa_bench()
+    assert bench.main(["--tiny", "--reps", "1", "--json", str(tmp_path / "b.json")]) == 0
+    text = capsys.readouterr().out
+    assert "| 2/4K | elastic |" in text and "| 1/1.5K | static2k |" in text
+    import json
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert len(rows) == 4 and all(r["step_us"] > 0 for r in rows)

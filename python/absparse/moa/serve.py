@@ -35,6 +35,11 @@ def max_window_blocks(capacity: int, const, slope, den: int, block_sizes,
     ``max_h min(capacity / bs_h, ceil(sink / bs_h) + ceil(S_h(capacity) / bs_h))``: spans never
     shrink with L (slope >= 0), and ``nb - floor((L - S) / bs) <= ceil(S / bs)`` complete blocks
     hold the last S tokens."""
+    if not (torch.as_tensor(const).numel() == torch.as_tensor(slope).numel() ==
+            torch.as_tensor(block_sizes).numel()):
+        raise ValueError(f"max_window_blocks: const, slope, block_sizes: expected one entry per "
+                         f"KV head each, got {torch.as_tensor(const).numel()}, "
+                         f"{torch.as_tensor(slope).numel()}, {torch.as_tensor(block_sizes).numel()}")
     cap = torch.tensor([int(capacity)])
     s = _span(cap, torch.as_tensor(const).cpu(), torch.as_tensor(slope).cpu(), den)[0]
     bs = torch.as_tensor(block_sizes).cpu().to(torch.int64)
