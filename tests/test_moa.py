@@ -180,8 +180,8 @@ def _span(c: int, s: int, d: int, L: int) -> int:
     return min(max((c + s * L) // d, 0), L)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_windows_attend_like_dense_attention_over_the_window_mask(ab, dtype):
+def _window_inputs(dtype):
+    """q, k, v, page table (pages shuffled), seq_lens, block sizes, const, slope, token masks."""
     g = torch.Generator().manual_seed(1)
     lens = [0, 1, 63, 64, 65, 130, 1013, 700]
     B, hk, G, D, P = len(lens), 3, 2, 64, 64
@@ -200,12 +200,18 @@ def test_windows_attend_like_dense_attention_over_the_window_mask(ab, dtype):
         pt[b, :n] = torch.tensor(perm[used:used + n], dtype=torch.int32)
         used += n
     sl = torch.tensor(lens, dtype=torch.int32)
-    bs = torch.tensor(block_sizes)
-    M = max_window_blocks(pt.shape[1] * P, const, slope, 8, bs, 64)
-    idx, cnt = window_blocks(sl, const, slope, 8, bs, 64, M)
-    out = ab.sparse_decode(q, k, v, pt, sl, bs.to(torch.int32), idx, cnt)
     masks = [[_window_mask(L, block_sizes[h], _span(int(const[h]), int(slope[h]), 8, L), 64)
               for h in range(hk)] for L in lens]
+    return q, k, v, pt, sl, torch.tensor(block_sizes), const, slope, masks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_windows_attend_like_dense_attention_over_the_window_mask(ab, dtype):
+    q, k, v, pt, sl, bs, const, slope, masks = _window_inputs(dtype)
+    block_sizes, lens, hk = bs.tolist(), sl.tolist(), len(bs)
+    M = max_window_blocks(pt.shape[1] * 64, const, slope, 8, bs, 64)
+    idx, cnt = window_blocks(sl, const, slope, 8, bs, 64, M)
+    out = ab.sparse_decode(q, k, v, pt, sl, bs.to(torch.int32), idx, cnt)
     want, _ = ref.masked_attention(q, k, v, pt, sl, masks)
     assert_out_close(out, want, dtype, float(v.abs().max()))
     # The lists themselves: ascending, padded with -1, the window's blocks exactly.
@@ -214,6 +220,28 @@ def test_windows_attend_like_dense_attention_over_the_window_mask(ab, dtype):
             lst = idx[b, h, :int(cnt[b, h])].tolist()
             assert lst == sorted(set(lst)) and (idx[b, h, int(cnt[b, h]):] == -1).all()
             assert ref.attended_mask(L, block_sizes[h], lst).tolist() == masks[b][h].tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_windows_on_the_gpu(ab, dtype):
+    """Lists built on the device equal the CPU's; the CUDA attention over them matches the float64
+    window-mask reference within eps/2 |ref| + 2e-5 max|v| (tests/test_gpu.py's basis)."""
+    if not getattr(ab._C, "has_cuda", False):
+        pytest.skip("absparse was built without CUDA kernels")
+    q, k, v, pt, sl, bs, const, slope, masks = _window_inputs(dtype)
+    M = max_window_blocks(pt.shape[1] * 64, const, slope, 8, bs, 64)
+    idx, cnt = window_blocks(sl, const, slope, 8, bs, 64, M)
+    dev = [t.cuda() for t in (sl, const, slope, bs)]
+    idx_d, cnt_d = window_blocks(*dev[:3], 8, dev[3], 64, M)
+    assert torch.equal(idx_d.cpu(), idx) and torch.equal(cnt_d.cpu(), cnt)
+    out = ab.sparse_decode(q.cuda(), k.cuda(), v.cuda(), pt.cuda(), sl.cuda(),
+                           bs.to(torch.int32), idx_d, cnt_d).cpu()
+    want, _ = ref.masked_attention(q, k, v, pt, sl, masks)
+    err = (out.double() - want).abs()
+    tol = torch.finfo(dtype).eps / 2 * want.abs() + 2e-5 * float(v.abs().max())
+    assert bool((err <= tol).all()), f"max err {float(err.max()):.3e}"
 
 
 def test_list_capacity_bound_holds_at_every_length():

@@ -90,7 +90,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     budgets = [int(x) for x in args.budgets.split(",")]
     log = lambda *a: print(f"[{time.perf_counter() - started:7.1f} s]", *a, flush=True)
 
-    grad, gmeta = profile_influence(model, tok, lengths, args.profile_samples, "gradient")
+    grad, gmeta = profile_influence(model, tok, lengths, args.profile_samples, "gradient",
+                                    progress=lambda n, s: log(f"profiled {s.id} at {n}"))
     log("gradient profile", gmeta)
     mass, mmeta = profile_influence(model, tok, lengths[:1], args.profile_samples, "mass")
     log("mass profile", mmeta)
