@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import random
 import shlex
@@ -25,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .plan import SINK_TOKENS, MoAPlan, moa_plan
+from .plan import SINK_TOKENS, MoAPlan, moa_plan, outside_influence
 from .profile import compare_profiles, profile_influence
 
 __all__ = ["paired_bootstrap", "main"]
@@ -134,7 +133,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _loss_under(plan: MoAPlan, influence: torch.Tensor, length: int) -> float:
     """Influence left outside ``plan``'s windows at ``length``."""
-    from .plan import outside_influence
     spans = plan.spans(length).flatten().tolist()
     flat = influence.reshape(-1, *influence.shape[-2:])
     return float(sum(outside_influence(flat[h], s, plan.block, plan.sink_tokens)

@@ -8,8 +8,6 @@ d = 8 * H``: it attends ``floor(mean_h (alpha_h + beta_h L))`` tokens at every `
 """
 from __future__ import annotations
 
-import itertools
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
