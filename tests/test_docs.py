@@ -10,6 +10,9 @@ import torch
 import absparse
 import absparse.allocation
 import absparse.layout
+import absparse.moa.experiment
+import absparse.moa.plan
+import absparse.moa.serve
 import absparse.ops
 import absparse.prefill
 import absparse.runner
@@ -18,8 +21,9 @@ import reference as ref
 
 
 @pytest.mark.parametrize("module", [absparse.allocation, absparse.layout, absparse.ops,
-                                    absparse.prefill, absparse.runner, absparse.torch_ops],
-                         ids=lambda m: m.__name__)
+                                    absparse.prefill, absparse.runner, absparse.torch_ops,
+                                    absparse.moa.plan, absparse.moa.serve,
+                                    absparse.moa.experiment], ids=lambda m: m.__name__)
 def test_docstring_examples(module, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     globs = {"torch": torch, **{n: getattr(absparse, n) for n in absparse.__all__}}

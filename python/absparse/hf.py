@@ -160,6 +160,7 @@ class PagedLayer(CacheLayerMixin):
         self.stats = {"steps": 0, "selected": 0, "differ": 0}
         self.observer: Optional[Callable] = None
         self._awaiting_attend = False       # a decode step returned only its new token
+        self.window = None                  # absparse.moa.LayerWindows: MoA / window decode
 
     # --- CacheLayerMixin ---------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -215,8 +216,10 @@ class PagedLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
+        window = self.window
         self.__init__(self.layout, self.decode, self.page_size, self.layer_idx,
                       None if self.compare_layout is None else self.compare_layout.format)
+        self.window = window
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("AbsparseCache does not support beam search")
@@ -306,6 +309,11 @@ class PagedLayer(CacheLayerMixin):
     def attend(self, q: torch.Tensor, scaling: Optional[float]) -> torch.Tensor:
         """One decode step of every sequence: q ``[B, Hq, D]`` -> ``[B, Hq, D]``."""
         self._awaiting_attend = False
+        if self.window is not None:
+            # Static per-head windows (absparse.moa): block lists from the lengths, no selection.
+            idx, cnt = self.window.blocks(self.seq_lens, self.page_table.shape[1] * self.page_size)
+            return sparse_decode(q, self.k_pool, self.v_pool, self.page_table, self.seq_lens,
+                                 self.window.block_sizes_cpu, idx, cnt, scale=scaling)
         budget = self.decode.token_budget
         if self.layout is None or budget is None:
             return dense_decode(q, self.k_pool, self.v_pool, self.page_table, self.seq_lens,

@@ -17,8 +17,10 @@ Methods are named ``[ab-]BASE[-FORMAT][-mem][+dN]``:
   average block size ("count" constraint at ``avg_block_size * bits / 16``; quantized formats only);
 - ``+dN``: the first N layers stay dense (Quest's default is N = 2).
 
-``dense`` (``dense_decode`` in every layer) is always evaluated. The report's paired differences
-with 95 % intervals come from :mod:`absparse.eval.stats`.
+``dense`` (``dense_decode`` in every layer) is always evaluated. ``window_plans`` adds methods
+served with static per-head windows (``absparse.moa``: ``moa`` and the uniform ``window``), one
+:class:`~absparse.moa.MoAPlan` per budget. The report's paired differences with 95 % intervals
+come from :mod:`absparse.eval.stats`.
 """
 from __future__ import annotations
 
@@ -154,6 +156,8 @@ class EvalResult:
         vs its uniform base) and "int4c" (int4c vs bf16 summaries of the same allocation)."""
         out = []
         for m in self.methods:
+            if m in self.meta.get("window_methods", ()):
+                continue
             spec = parse_method(m)
             if spec.adaptive and spec.format == "bf16" and spec.uniform_base in self.methods:
                 out.append((m, spec.uniform_base, "adaptive"))
@@ -279,13 +283,17 @@ def evaluate(model, tokenizer, samples: Sequence[Sample], calibration: Calibrati
              budgets: Sequence[Union[int, float]], methods: Sequence[str] = DEFAULT_METHODS,
              avg_block_size: int = 32, sink_tokens: int = 16, local_tokens: int = 64,
              group_reduce: str = "max", batch_size: int = 8, page_size: Optional[int] = None,
-             ppl_tokens: int = 16, progress=None) -> EvalResult:
+             ppl_tokens: int = 16, progress=None,
+             window_plans: Optional[Dict[str, Dict[str, object]]] = None) -> EvalResult:
     """Evaluate ``dense`` and ``methods`` at every budget on ``samples`` (see module docstring).
 
     ``ppl_tokens``: teacher-forced tokens of each ppl continuation (its first ones).
     ``progress``: optional :class:`absparse.eval.progress.WorkProgress` (any object with
     ``advance(kind, tokens)``), told the tokens of every prefill and of every decode run, as
     counted by :func:`eval_work`.
+    ``window_plans``: ``{method: {budget_key: MoAPlan}}``, decoded through ``absparse.moa.attach``
+    on a dense-layout cache (no summaries); their records carry ``kv_tokens_read`` (mean keys
+    attended per KV head at the prompt length).
     """
     from ..hf import AbsparseCache, register
 
@@ -293,6 +301,11 @@ def evaluate(model, tokenizer, samples: Sequence[Sample], calibration: Calibrati
     model.set_attn_implementation("absparse")
     page_size = page_size or calibration.page_size
     specs = [parse_method(m) for m in methods]
+    for m, per_budget in (window_plans or {}).items():
+        missing = [budget_key(b) for b in budgets if budget_key(b) not in per_budget]
+        if missing:
+            raise ValueError(f"evaluate: window_plans[{m!r}]: expected a plan for every budget, "
+                             f"missing {missing}")
     head_dim = getattr(model.config, "head_dim", None) or \
         model.config.hidden_size // model.config.num_attention_heads
     layouts: Dict[str, ModelLayout] = {}
@@ -318,12 +331,18 @@ def evaluate(model, tokenizer, samples: Sequence[Sample], calibration: Calibrati
         first = torch.tensor(firsts)
         runs = [("dense", None, None)] + [(s.name, b, layouts[f"{s.name}@{budget_key(b)}"])
                                           for b in budgets for s in specs]
+        runs += [(m, b, None) for b in budgets for m in window_plans or {}]
         for name, budget, layout in runs:
+            plan = (window_plans or {}).get(name, {}).get(budget_key(budget)) \
+                if budget is not None else None
             fmt = None if layout is None else next(l.format for l in layout.layers if l is not None)
             # Selection disagreement is measured for the integer summary formats.
             compare = "fp32" if fmt is not None and fmt.startswith("int") else None
-            cache = AbsparseCache.stack(bases, layout, budget, sink_tokens, local_tokens,
-                                        group_reduce, compare_format=compare)
+            cache = AbsparseCache.stack(bases, layout, None if plan else budget, sink_tokens,
+                                        local_tokens, group_reduce, compare_format=compare)
+            if plan is not None:
+                from ..moa import attach
+                attach(cache, plan)
             gen, nll = _decode(model, cache, first, plans, eos)
             bkey = None if budget is None else budget_key(budget)
             if compare is not None:
@@ -336,6 +355,8 @@ def evaluate(model, tokenizer, samples: Sequence[Sample], calibration: Calibrati
                 rec = {"id": s.id, "task": s.task, "length": s.length, "depth": s.depth,
                        "prompt_tokens": plans[j]["prompt_tokens"], "method": name,
                        "budget": bkey}
+                if plan is not None:
+                    rec["kv_tokens_read"] = plan.tokens_read(plans[j]["prompt_tokens"])
                 if s.task == "ppl":
                     rec.update(nll=nll[j], tokens=len(plans[j]["forced"]))
                 else:
@@ -350,8 +371,9 @@ def evaluate(model, tokenizer, samples: Sequence[Sample], calibration: Calibrati
             "avg_block_size": avg_block_size, "sink_tokens": sink_tokens,
             "local_tokens": local_tokens, "group_reduce": group_reduce, "page_size": page_size,
             "summary_kib_per_1k": {k: summary_kib_per_1k(v, head_dim) for k, v in layouts.items()},
-            "head_dim": head_dim}
-    return EvalResult(records, list(methods), list(budgets), layouts_by_method, dict(stats), meta)
+            "head_dim": head_dim, "window_methods": list(window_plans or {})}
+    return EvalResult(records, list(methods) + list(window_plans or {}), list(budgets),
+                      layouts_by_method, dict(stats), meta)
 
 
 # --- report --------------------------------------------------------------------------------------
