@@ -13,6 +13,7 @@
 #   ncu        Nsight Compute, --set full, one steady launch of each kernel at B8/128K    ncu.txt
 #   bench      bench/decode_bench.py (BENCH_ARGS, default --quick)     bench.log, decode_bench.json
 #   prefill    bench/prefill_bench.py (PREFILL_ARGS, default --quick)  bench.log, prefill_bench.json
+#   moa        bench/moa_bench.py (MoA window decode, MOA_ARGS)          bench.log, moa_bench.json
 #   serve      GPU tests of the decode loop (tests/test_runner.py -k cuda), then bench/e2e_bench.py
 #              (E2E_ARGS, default --quick)                        tests.log, bench.log, e2e_bench.json
 #   gbench     absparse_bench_gpu (google-benchmark), carried in build/carry     bench.log, bench_gpu.json
@@ -85,6 +86,7 @@ export PYTHONUNBUFFERED=1
 if want quick; then
   step quick tests.log 60 240 "$PY" -m pytest tests/test_gpu.py tests/test_cuda_validation.py \
     tests/test_gpu_prefill.py tests/test_sparse_prefill.py::test_devices \
+    tests/test_moa.py::test_windows_on_the_gpu \
     -q -ra -m "not full" -p no:cacheprovider --durations=10 ${PYTEST_ARGS:-}
 fi
 
@@ -129,6 +131,10 @@ fi
 if want prefill; then
   step prefill bench.log 60 240 "$PY" bench/prefill_bench.py ${PREFILL_ARGS:---quick} \
     --json "$OUT/prefill_bench.json"
+fi
+
+if want moa; then
+  step moa bench.log 40 180 "$PY" bench/moa_bench.py ${MOA_ARGS:-} --json "$OUT/moa_bench.json"
 fi
 
 if want serve; then
