@@ -16,10 +16,10 @@ How a forward pass goes through it:
   A prefill into an empty cache returns the new K/V unchanged; it is attended by transformers' own
   SDPA code (prefill mode ``dense``, the same math as stock transformers) or by
   ``absparse.sparse_prefill`` over block lists (the other modes of :class:`PrefillConfig`). A
-  later multi-token step gathers the dense K/V
-  from the pages. A single-token decode step returns only the new token: :func:`absparse_attention`
-  then runs ``select_blocks`` -> ``sparse_decode`` on the pages (``dense_decode`` for the dense
-  layers of the :class:`~absparse.ModelLayout`, or everywhere when the budget is ``None``).
+  later multi-token step gathers the dense K/V from the pages. A single-token decode step returns
+  only the new token: :func:`absparse_attention` then runs ``select_blocks`` -> ``sparse_decode``
+  on the pages (``dense_decode`` for the dense layers of the :class:`~absparse.ModelLayout`, or
+  everywhere when the budget is ``None``).
 - Nothing here is device specific: the pools live on the device of the model's keys and the ops
   run wherever their tensors are.
 
@@ -72,8 +72,8 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
     raise ImportError("absparse.hf needs transformers (pip install -r requirements-eval.txt)") \
         from e
 
-__all__ = ["ATTN_IMPLEMENTATION", "DecodeConfig", "PrefillConfig", "PREFILL_MODES", "PagedLayer", "AbsparseCache", "register",
-           "absparse_attention", "use_absparse"]
+__all__ = ["ATTN_IMPLEMENTATION", "DecodeConfig", "PrefillConfig", "PREFILL_MODES", "PagedLayer",
+           "AbsparseCache", "register", "absparse_attention", "use_absparse"]
 
 ATTN_IMPLEMENTATION = "absparse"
 DEFAULT_PAGE_SIZE = 64
@@ -275,6 +275,7 @@ class PagedLayer(CacheLayerMixin):
                                "implementation (absparse.hf.use_absparse(model))")
         old = list(self._lens)
         start = self.seq_lens.clone()
+        self._sparse_prefill_pending = False
         self._append(key_states, value_states)
         if self.layout is not None:
             update_centroids(self.k_pool, self.page_table, self.seq_lens, start, self.layout,
