@@ -230,3 +230,15 @@ def test_bad_prefill_config_raises(kwargs, name):
 
     with pytest.raises(ValueError, match=f"PrefillConfig: {name}: expected"):
         PrefillConfig(**kwargs)
+
+
+def test_prefill_attended_elsewhere_leaves_no_pending_sparse_prefill(tiny):
+    """A sparse-mode prefill attended by SDPA (another implementation) must not make the next
+    multi-token step, attended by absparse, run the sparse prefill on the gathered K/V."""
+    model, ids = tiny
+    cache = _cache(model, "pbs", **SPARSE["pbs"])
+    _forward(model, ids[:, :150], cache, impl="sdpa")
+    ours = _forward(model, ids[:, 150:], cache,
+                    position_ids=torch.arange(150, LENGTH).expand(2, -1))
+    ref = _forward(model, ids, impl="sdpa")[:, 150:]
+    assert _close(ours, ref), (ours - ref).abs().max().item()
