@@ -112,6 +112,10 @@ BAD_ARGS = [
     (["run", "--methods", "quest,quest"], "--methods: a method is listed twice"),
     (["run", "--methods", "dense"], "'dense' is always evaluated"),
     (["run", "--batch-size", "0"], "--batch-size: expected an integer >= 1"),
+    (["run", "--prefill", "dense,minference"], "--prefill: expected modes from dense, causal, "
+                                               "flexprefill, pbs, got 'minference'"),
+    (["run", "--prefill", "pbs,pbs"], "--prefill: a mode is listed twice"),
+    (["run", "--prefill-decode", "ab-quest-int3"], "--prefill-decode: method: expected"),
     (["run", "--threads", "-1"], "--threads: expected an integer >= 0"),
     (["run", "--device", "tpu"], "--device: expected cpu, cuda or cuda:N"),
     (["run", "--model", "/nonexistent/model.gguf"], "--model /nonexistent/model.gguf: no such "
@@ -318,6 +322,26 @@ def test_eval_work_counts_prefill_and_decode_tokens():
     # batches: [passkey (7 new tokens), vartrack (12)], [ppl]; 3 runs each (dense + 2 budgets)
     assert work["prefill"] == sum(prompt.values()) - 3
     assert work["decode"] == 3 * (2 * 12 + 1 * ppl_steps)
+    # A sparse prefill mode: every prompt prefilled once more, two more runs per batch.
+    work = eval_work(tok, samples, budgets=[128, 256], methods=["quest"], batch_size=2,
+                     prefill=["dense", "pbs"])
+    assert work["prefill"] == 2 * (sum(prompt.values()) - 3)
+    assert work["decode"] == 5 * (2 * 12 + 1 * ppl_steps)
+
+
+@needs_eval_stack
+def test_prefill_options_are_checked():
+    import argparse
+
+    from absparse.eval.arguments import CliError, prefill_options
+
+    args = argparse.Namespace(prefill_block_size=64, prefill_gamma=0.9, prefill_tau=0.1,
+                              prefill_min_budget=256, prefill_segment_size=128,
+                              prefill_threshold=0.9)
+    assert prefill_options(args)["segment_size"] == 128
+    args.prefill_segment_size = 96
+    with pytest.raises(CliError, match="--prefill-\\*: PrefillConfig: segment_size: expected"):
+        prefill_options(args)
 
 
 # --- end to end ----------------------------------------------------------------------------------
@@ -333,7 +357,9 @@ def test_tiny_run_writes_layout_table_and_plots(tmp_path, capsys, monkeypatch):
                    "--lengths", "640", "--tasks", "passkey", "--depths", "0.5", "--ppl-samples",
                    "1", "--ppl-length", "640", "--calib-samples", "1", "--calib-length", "640",
                    "--budgets", "128", "--methods", "quest,ab-quest,ab-quest-int4c",
-                   "--dense-layers", "0"])
+                   "--dense-layers", "0", "--prefill", "dense,flexprefill",
+                   "--prefill-decode", "ab-quest", "--prefill-block-size", "64",
+                   "--prefill-min-budget", "128"])
     assert rc == 0
     for name in ("calibration.pt", "calibration.md", "layout.json", "results.md",
                  "results.jsonl", "accuracy_vs_budget.png", "block_sizes.png"):
@@ -344,9 +370,15 @@ def test_tiny_run_writes_layout_table_and_plots(tmp_path, capsys, monkeypatch):
     table = (out / "results.md").read_text()
     assert "| dense |" in table and "| ab-quest-int4c |" in table and "Goal check" in table
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    # dense + 3 methods x 1 budget, each on one passkey and one ppl sample
-    assert len(rows) == 8
-    assert {r["method"] for r in rows} == {"dense", "quest", "ab-quest", "ab-quest-int4c"}
+    # dense + 3 methods x 1 budget + flexprefill with 2 decodes, each on one passkey and one
+    # ppl sample
+    assert len(rows) == 12
+    assert {r["method"] for r in rows} == {"dense", "quest", "ab-quest", "ab-quest-int4c",
+                                           "flexprefill+dense", "flexprefill+ab-quest"}
+    sparse = [r for r in rows if r.get("prefill") == "flexprefill"]
+    assert len(sparse) == 4 and all(0 < r["prefill_density"] < 1 for r in sparse)
+    section = table.split("## Sparse prefill")[1].splitlines()
+    assert any(l.startswith("| flexprefill + ab-quest | ") for l in section), section
     assert all("nll" in r for r in rows if r["task"] == "ppl")
     assert (out / "accuracy_vs_budget.png").read_bytes()[:4] == b"\x89PNG"
     # The per-task table is the records': one passkey sample (score 0 or 1) and one ppl document

@@ -13,13 +13,33 @@ How a forward pass goes through it:
   the sequences of a batch interleave) and runs ``absparse.update_centroids`` with ``start_pos`` =
   the old length, which writes the summaries of the blocks the append completed.
 - It returns the keys/values to attend with a reference to itself attached (``_absparse_layer``).
-  A prefill into an empty cache returns the new K/V unchanged and is attended by transformers' own
-  SDPA code, the same math as stock transformers. A later multi-token step gathers the dense K/V
-  from the pages. A single-token decode step returns only the new token: :func:`absparse_attention`
-  then runs ``select_blocks`` -> ``sparse_decode`` on the pages (``dense_decode`` for the dense
-  layers of the :class:`~absparse.ModelLayout`, or everywhere when the budget is ``None``).
+  A prefill into an empty cache returns the new K/V unchanged; it is attended by transformers' own
+  SDPA code (prefill mode ``dense``, the same math as stock transformers) or by
+  ``absparse.sparse_prefill`` over block lists (the other modes of :class:`PrefillConfig`). A
+  later multi-token step gathers the dense K/V from the pages. A single-token decode step returns
+  only the new token: :func:`absparse_attention` then runs ``select_blocks`` -> ``sparse_decode``
+  on the pages (``dense_decode`` for the dense layers of the :class:`~absparse.ModelLayout`, or
+  everywhere when the budget is ``None``).
 - Nothing here is device specific: the pools live on the device of the model's keys and the ops
   run wherever their tensors are.
+
+Prefill modes (``AbsparseCache(..., prefill=PrefillConfig(mode, ...))``; decode is the same in
+every mode). The batch ``[B, Hq, S, D]`` is packed to the varlen format ``q [B*S, Hq, D]``,
+``k, v [B*S, Hk, D]`` with ``cu_seqlens = [0, S, 2S, ...]`` (batches are unpadded):
+
+- ``dense`` (default): transformers' SDPA, as above;
+- ``causal``: ``sparse_prefill`` over every causal block (``dense_causal_block_lists``): dense
+  attention through the block-sparse op, a check of the path;
+- ``flexprefill``: ``flexprefill_mask`` (gamma 0.9, tau 0.1, block 128, min budget 1024 tokens by
+  default) -> ``sparse_prefill``, one list per query head;
+- ``pbs``: ``pbs_permute`` (segments of 256) -> ``pbs_mask`` (threshold 0.9, first block forced)
+  -> ``sparse_prefill`` over the permuted copy with ``key_positions``; the cache keeps the keys and
+  values in their original order (it was written before the attention runs).
+
+Every non-dense prefill records per layer the attained block density (listed / causal blocks, per
+sequence and list head): ``PagedLayer.prefill_density``, averaged by
+:meth:`AbsparseCache.prefill_densities`. The mask builders have CPU kernels only so far: for CUDA
+tensors they run on CPU copies (a host round trip) and the lists go back to the device.
 
 The cache needs the "absparse" attention implementation: a decode step hands the attention
 function only the new token (the rest is in the pages), so ``update`` raises if the previous decode
@@ -31,6 +51,8 @@ Limits: batches must not be padded (sequences are kept unpadded in pages; use
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Union
 
@@ -38,6 +60,8 @@ import torch
 
 from .layout import LayerLayout, ModelLayout
 from .ops import dense_decode, select_blocks, sparse_decode, update_centroids
+from .prefill import dense_causal_block_lists, sparse_prefill
+from .prefill_masks import flexprefill_mask, pbs_mask, pbs_permute
 
 try:  # transformers is optional for absparse itself, required by this module
     from transformers import AttentionInterface
@@ -48,8 +72,8 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
     raise ImportError("absparse.hf needs transformers (pip install -r requirements-eval.txt)") \
         from e
 
-__all__ = ["ATTN_IMPLEMENTATION", "DecodeConfig", "PagedLayer", "AbsparseCache", "register",
-           "absparse_attention", "use_absparse"]
+__all__ = ["ATTN_IMPLEMENTATION", "DecodeConfig", "PrefillConfig", "PREFILL_MODES", "PagedLayer",
+           "AbsparseCache", "register", "absparse_attention", "use_absparse"]
 
 ATTN_IMPLEMENTATION = "absparse"
 DEFAULT_PAGE_SIZE = 64
@@ -65,6 +89,59 @@ class DecodeConfig:
     sink_tokens: int = 16
     local_tokens: int = 64
     group_reduce: str = "max"
+
+
+PREFILL_MODES = ("dense", "causal", "flexprefill", "pbs")
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """How a prefill into an empty cache is attended (see the module docstring).
+
+    ``mode``: one of :data:`PREFILL_MODES`. ``block_size``: the query and key block of the lists
+    (64 or 128 for the CUDA kernel). FlexPrefill: ``gamma`` coverage in (0, 1], ``tau`` >= 0 the
+    pattern threshold, ``min_budget`` / ``max_budget`` tokens (None: unbounded). PBS-Attn:
+    ``segment_size`` a multiple of ``block_size``, ``threshold`` the block coverage in (0, 1].
+    Bad values raise ``ValueError`` naming the field.
+    """
+    mode: str = "dense"
+    block_size: int = 128
+    gamma: float = 0.9
+    tau: float = 0.1
+    min_budget: int = 1024
+    max_budget: Optional[int] = None
+    segment_size: int = 256
+    threshold: float = 0.9
+
+    def __post_init__(self):
+        def bad(name, expected):
+            raise ValueError(f"PrefillConfig: {name}: expected {expected}, got "
+                             f"{getattr(self, name)!r}")
+
+        def is_int(x):
+            return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+        def is_real(x):
+            return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+        if self.mode not in PREFILL_MODES:
+            bad("mode", f"one of {', '.join(PREFILL_MODES)}")
+        if not is_int(self.block_size) or self.block_size < 1:
+            bad("block_size", "an int >= 1")
+        if not is_real(self.gamma) or not 0 < self.gamma <= 1:
+            bad("gamma", "a float in (0, 1]")
+        if not is_real(self.tau) or self.tau < 0:
+            bad("tau", "a finite float >= 0")
+        if not is_int(self.min_budget) or self.min_budget < 0:
+            bad("min_budget", "an int >= 0")
+        if self.max_budget is not None and (not is_int(self.max_budget) or
+                                            self.max_budget < max(self.min_budget, 1)):
+            bad("max_budget", f"None or an int >= max(min_budget, 1) = {max(self.min_budget, 1)}")
+        if not is_int(self.segment_size) or self.segment_size < 1 or \
+                self.segment_size % self.block_size:
+            bad("segment_size", f"a positive multiple of block_size {self.block_size}")
+        if not is_real(self.threshold) or not 0 < self.threshold <= 1:
+            bad("threshold", "a float in (0, 1]")
 
 
 def register(name: str = ATTN_IMPLEMENTATION) -> str:
@@ -93,7 +170,9 @@ def _marked(t: torch.Tensor, layer: "PagedLayer") -> torch.Tensor:
 def absparse_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None,
                        dropout: float = 0.0, **kwargs):
-    """transformers attention function: dense SDPA for prefill, absparse for single-token decode.
+    """transformers attention function: the cache's prefill mode for a prefill into an empty
+    cache (dense SDPA by default), dense SDPA for other multi-token steps, absparse for
+    single-token decode.
 
     query ``[B, Hq, S, D]``, key/value ``[B, Hk, S_kv, D]`` -> (``[B, S, Hq, D]``, None). Keys that
     do not come from an :class:`AbsparseCache` (no ``_absparse_layer``) are attended densely with
@@ -102,6 +181,8 @@ def absparse_attention(module, query: torch.Tensor, key: torch.Tensor, value: to
     layer = getattr(key, "_absparse_layer", None)
     if layer is not None and query.shape[2] > 1:
         _check_unpadded(attention_mask)
+        if layer._sparse_prefill_pending:
+            return layer.attend_prefill(query, key, value, scaling), None
     if layer is None or query.shape[2] > 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
@@ -138,8 +219,13 @@ class PagedLayer(CacheLayerMixin):
 
     def __init__(self, layout: Optional[LayerLayout], decode: DecodeConfig,
                  page_size: int = DEFAULT_PAGE_SIZE, layer_idx: int = 0,
-                 compare_format: Optional[str] = None):
+                 compare_format: Optional[str] = None, prefill: Optional[PrefillConfig] = None):
         super().__init__()
+        self.prefill = prefill or PrefillConfig()
+        # Attained density of the last non-dense prefill: float32 [B, H] (H = Hq for
+        # flexprefill, Hk for causal / pbs), listed / causal blocks; None until one ran.
+        self.prefill_density: Optional[torch.Tensor] = None
+        self._sparse_prefill_pending = False  # update() returned a prefill for attend_prefill
         if layout is not None and layout.page_size != page_size:
             page_size = layout.page_size
         self.layout = layout
@@ -190,6 +276,7 @@ class PagedLayer(CacheLayerMixin):
                                "implementation (absparse.hf.use_absparse(model))")
         old = list(self._lens)
         start = self.seq_lens.clone()
+        self._sparse_prefill_pending = False
         self._append(key_states, value_states)
         if self.layout is not None:
             update_centroids(self.k_pool, self.page_table, self.seq_lens, start, self.layout,
@@ -201,7 +288,9 @@ class PagedLayer(CacheLayerMixin):
             self._awaiting_attend = True
             return _marked(key_states, self), value_states
         if max(old) == 0:
-            # Prefill into an empty cache: attend exactly what stock transformers would.
+            # Prefill into an empty cache: attended by SDPA (exactly what stock transformers
+            # would do) or, in a sparse prefill mode, by attend_prefill.
+            self._sparse_prefill_pending = self.prefill.mode != "dense" and steps > 1
             return _marked(key_states, self), value_states
         keys, values = self.dense_kv()
         return _marked(keys, self), values
@@ -218,7 +307,8 @@ class PagedLayer(CacheLayerMixin):
     def reset(self) -> None:
         window = self.window
         self.__init__(self.layout, self.decode, self.page_size, self.layer_idx,
-                      None if self.compare_layout is None else self.compare_layout.format)
+                      None if self.compare_layout is None else self.compare_layout.format,
+                      self.prefill)
         self.window = window
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -304,6 +394,19 @@ class PagedLayer(CacheLayerMixin):
         k = self.k_pool[pages].reshape(len(self._lens), -1, hk, d)[:, :n]   # [B, L, Hk, D]
         v = self.v_pool[pages].reshape(len(self._lens), -1, hk, d)[:, :n]
         return k.transpose(1, 2), v.transpose(1, 2)
+
+    # --- prefill -------------------------------------------------------------------------------
+    def attend_prefill(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       scaling: Optional[float]) -> torch.Tensor:
+        """A prefill of every sequence through ``sparse_prefill`` in this layer's prefill mode.
+
+        query ``[B, Hq, S, D]``, key/value ``[B, Hk, S, D]`` (the new tokens, original order)
+        -> ``[B, S, Hq, D]``; records :attr:`prefill_density`.
+        """
+        self._sparse_prefill_pending = False
+        out, self.prefill_density = _block_sparse_prefill(query, key, value, scaling,
+                                                          self.prefill)
+        return out
 
     # --- decode --------------------------------------------------------------------------------
     def attend(self, q: torch.Tensor, scaling: Optional[float]) -> torch.Tensor:
@@ -426,6 +529,46 @@ class PagedLayer(CacheLayerMixin):
         return out
 
 
+def _packed(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, S, D]`` -> the varlen layout ``[B * S, H, D]`` (sequence b at rows b*S ..)."""
+    b, h, s, d = x.shape
+    return x.transpose(1, 2).reshape(b * s, h, d)
+
+
+def _block_sparse_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          scaling: Optional[float], cfg: PrefillConfig):
+    """Causal prefill attention over the block lists of ``cfg.mode`` (not ``dense``).
+
+    query ``[B, Hq, S, D]``, key/value ``[B, Hk, S, D]`` -> (out ``[B, S, Hq, D]`` in query's
+    dtype, density float32 ``[B, H]`` on the CPU). The CPU reference computes in float32 inputs
+    (float64 inside): other dtypes are converted there and the output converted back.
+    """
+    batch, _, steps, _ = query.shape
+    dtype, device = query.dtype, query.device
+    work = dtype if query.is_cuda else torch.float32
+    q, k, v = (_packed(x).to(work).contiguous() for x in (query, key, value))
+    cu = torch.arange(batch + 1, dtype=torch.int32, device=device) * steps   # [B + 1]
+    bs = cfg.block_size
+    positions = None
+    if cfg.mode == "causal":
+        idx, cnt = dense_causal_block_lists(cu, bs, bs, k.shape[1])
+        density = torch.ones(cnt.shape[:2])
+    else:
+        # The mask builders run on the CPU (no CUDA builders yet): lists computed there.
+        qc, kc, vc, cuc = (x.cpu() for x in (q, k, v, cu))
+        if cfg.mode == "flexprefill":
+            idx, cnt, info = flexprefill_mask(qc, kc, cuc, bs, cfg.gamma, cfg.tau, cfg.min_budget,
+                                              cfg.max_budget, scaling)
+        else:  # pbs: attention over a permuted copy; the cache keeps the original order
+            kc, vc, positions = pbs_permute(qc, kc, vc, cuc, bs, cfg.segment_size, scaling)
+            idx, cnt, info = pbs_mask(qc, kc, cuc, positions, bs, cfg.segment_size,
+                                      cfg.threshold, True, scaling)
+            k, v, positions = kc.to(device), vc.to(device), positions.to(device)
+        idx, cnt, density = idx.to(device), cnt.to(device), info["density"]
+    out = sparse_prefill(q, k, v, cu, idx, cnt, bs, bs, key_positions=positions, scale=scaling)
+    return out.reshape(batch, steps, *out.shape[1:]).to(dtype), density
+
+
 def _num_layers(config_or_layers) -> int:
     if isinstance(config_or_layers, int):
         return config_or_layers
@@ -454,12 +597,15 @@ class AbsparseCache(Cache):
     page_size : tokens per page of the dense layers (sparse layers use their layout's)
     compare_format : also keep summaries in this format and count selection differences
         (``selection_disagreement()``), e.g. "fp32" while the layout stores "int4c"
+    prefill : PrefillConfig of a prefill into the empty cache (None: dense, SDPA); copies made
+        by ``clone`` and ``stack`` attend densely (they are made after the prefill)
     """
 
     def __init__(self, config, layout: Optional[ModelLayout] = None,
                  token_budget: Union[int, float, None] = None, sink_tokens: int = 16,
                  local_tokens: int = 64, group_reduce: str = "max",
                  page_size: Optional[int] = None, compare_format: Optional[str] = None,
+                 prefill: Optional[PrefillConfig] = None,
                  _layers: Optional[List[PagedLayer]] = None):
         self.model_layout = layout
         self.decode = DecodeConfig(token_budget, sink_tokens, local_tokens, group_reduce)
@@ -469,7 +615,7 @@ class AbsparseCache(Cache):
             layouts = _layer_layouts(layout, n)
             if page_size is None:
                 page_size = next((l.page_size for l in layouts if l is not None), DEFAULT_PAGE_SIZE)
-            _layers = [PagedLayer(l, self.decode, page_size, i, compare_format)
+            _layers = [PagedLayer(l, self.decode, page_size, i, compare_format, prefill)
                        for i, l in enumerate(layouts)]
         self.page_size = _layers[0].page_size if _layers else page_size
         super().__init__(layers=_layers)
@@ -509,6 +655,12 @@ class AbsparseCache(Cache):
                                    compare_format) for i in range(n)]
         return cls(n, layout, token_budget, sink_tokens, local_tokens, group_reduce,
                    caches[0].page_size, compare_format, _layers=layers)
+
+    def prefill_densities(self) -> List[Optional[float]]:
+        """Per layer, the attained block density of the last sparse prefill (listed / causal
+        blocks, mean over sequences and list heads); None for layers prefilled densely."""
+        return [None if l.prefill_density is None else float(l.prefill_density.mean())
+                for l in self.layers]
 
     def selection_disagreement(self) -> Optional[float]:
         """Share of the blocks selected from ``compare_format`` summaries that this cache's own

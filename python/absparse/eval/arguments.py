@@ -21,6 +21,7 @@ DEFAULTS = {
     "budgets": "128,256,512", "calib_samples": 4, "calib_length": 2048, "ppl_samples": 4,
 }
 EVAL_TASKS = ("passkey", "multikey", "vartrack")
+PREFILL_MODES = ("dense", "causal", "flexprefill", "pbs")   # absparse.hf.PREFILL_MODES
 FILLERS = ("essay", "noise")
 
 
@@ -201,6 +202,23 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    help="methods compared with dense attention, comma separated, each "
                         "[ab-]{quest|arkvale|mean}[-FORMAT][-mem][+dN] (see absparse.eval.evaluation)")
     g.add_argument("--batch-size", type=int, default=10, help="sequences decoded together")
+    g = p.add_argument_group("sparse prefill (absparse.hf.PrefillConfig)")
+    g.add_argument("--prefill", default="dense",
+                   help="prefill modes, comma separated, from dense, flexprefill, pbs (causal: "
+                        "every causal block through the sparse op); each sparse one is evaluated "
+                        "with dense decode and with --prefill-decode")
+    g.add_argument("--prefill-decode", default="ab-mean",
+                   help="decode method combined with each sparse prefill, at the first budget")
+    g.add_argument("--prefill-block-size", type=int, default=128,
+                   help="query and key block of the prefill lists")
+    g.add_argument("--prefill-gamma", type=float, default=0.9, help="FlexPrefill coverage")
+    g.add_argument("--prefill-tau", type=float, default=0.1,
+                   help="FlexPrefill pattern threshold (JS distance)")
+    g.add_argument("--prefill-min-budget", type=int, default=1024,
+                   help="FlexPrefill minimum budget in tokens")
+    g.add_argument("--prefill-segment-size", type=int, default=256, help="PBS-Attn segment")
+    g.add_argument("--prefill-threshold", type=float, default=0.9,
+                   help="PBS-Attn block coverage")
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -375,6 +393,17 @@ def check_args(args) -> None:
                 raise CliError(f"--methods: {e}") from None
         if len(set(args.methods_list)) != len(args.methods_list):
             raise CliError(f"--methods: a method is listed twice in {args.methods!r}")
+        args.prefill_list = _items(args.prefill)
+        for m in args.prefill_list:
+            if m not in PREFILL_MODES:
+                raise CliError(f"--prefill: expected modes from {', '.join(PREFILL_MODES)}, got "
+                               f"{m!r}")
+        if len(set(args.prefill_list)) != len(args.prefill_list):
+            raise CliError(f"--prefill: a mode is listed twice in {args.prefill!r}")
+        try:
+            parse_method(args.prefill_decode)
+        except ValueError as e:
+            raise CliError(f"--prefill-decode: {e}") from None
         _check_at_least(args, 1, "seeds", "batch_size", "ppl_length")
         _check_at_least(args, 0, "ppl_samples")
     if args.cmd == "eval":
@@ -397,6 +426,22 @@ def check_environment(args) -> None:
     missing = have_eval_dependencies()
     if missing:
         raise CliError(missing)
+    if getattr(args, "prefill_list", None):
+        args.prefill_options = prefill_options(args)
+
+
+def prefill_options(args) -> dict:
+    """The ``PrefillConfig`` fields of the --prefill-* options, checked (needs transformers)."""
+    from ..hf import PrefillConfig
+
+    options = dict(block_size=args.prefill_block_size, gamma=args.prefill_gamma,
+                   tau=args.prefill_tau, min_budget=args.prefill_min_budget,
+                   segment_size=args.prefill_segment_size, threshold=args.prefill_threshold)
+    try:
+        PrefillConfig("dense", **options)
+    except ValueError as e:
+        raise CliError(f"--prefill-*: {e}") from None
+    return options
 
 
 def load_calibration(cal_dir: Path):
@@ -443,7 +488,9 @@ def check_layouts(args, cal) -> None:
         except ValueError as e:
             raise CliError(f"layout.json settings (--summary, --format, --avg-block-size, "
                            f"--constraint, --dense-layers): {e}") from None
-    for m in getattr(args, "methods_list", []):
+    combined = [args.prefill_decode] if any(m != "dense" for m in
+                                            getattr(args, "prefill_list", [])) else []
+    for m in getattr(args, "methods_list", []) + combined:
         for b in args.budgets_list:
             try:
                 parse_method(m).layout(cal, b, args.avg_block_size)

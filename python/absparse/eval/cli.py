@@ -115,11 +115,14 @@ def _evaluate(args, model, tok, src, cal, out: Path, command: str, started: floa
                          ppl_samples=args.ppl_samples, ppl_length=args.ppl_length,
                          fillers=args.fillers_list)
     budgets, methods = args.budgets_list, args.methods_list
-    work = eval_work(tok, samples, budgets, methods, args.batch_size)
+    work = eval_work(tok, samples, budgets, methods, args.batch_size,
+                     prefill=args.prefill_list)
     bar = WorkProgress(work["prefill"], work["decode"], "evaluate", disable=args.no_progress)
     res = evaluate(model, tok, samples, cal, budgets, methods, args.avg_block_size,
                    args.sink_tokens, args.local_tokens, args.group_reduce, args.batch_size,
-                   progress=bar)
+                   progress=bar, prefill=args.prefill_list,
+                   prefill_options=getattr(args, "prefill_options", None),
+                   prefill_decode=args.prefill_decode)
     bar.close()
     import torch
     import transformers
@@ -142,7 +145,8 @@ def _evaluate(args, model, tok, src, cal, out: Path, command: str, started: floa
         f" tokens (disjoint filler and seeds)",
         f"- selection: average block size {args.avg_block_size}, candidates {cal.candidates}, "
         f"page {cal.page_size}, sink {args.sink_tokens}, local {args.local_tokens}, group reduce "
-        f"{args.group_reduce}; prefill dense, every step from the last prompt token on sparse; "
+        f"{args.group_reduce}; prefill dense (sparse prefill modes: see their section), every "
+        f"step from the last prompt token on sparse; "
         f"AB-Sparse layouts calibrated at the evaluated budget (calibrated budgets: "
         f"{', '.join(budget_key(b) for b in cal.budgets)}; the nearest one otherwise)", ""])
     res.meta["title"] = f"{src.name}: average task accuracy vs token budget"

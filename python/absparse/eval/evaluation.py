@@ -21,6 +21,12 @@ Methods are named ``[ab-]BASE[-FORMAT][-mem][+dN]``:
 served with static per-head windows (``absparse.moa``: ``moa`` and the uniform ``window``), one
 :class:`~absparse.moa.MoAPlan` per budget. The report's paired differences with 95 % intervals
 come from :mod:`absparse.eval.stats`.
+
+Sparse prefill (``prefill`` modes other than ``dense``, :class:`absparse.hf.PrefillConfig`): each
+sample is prefilled once more per mode, into a cache whose prefill runs FlexPrefill / PBS-Attn
+through ``sparse_prefill``, and decoded densely (method ``MODE+dense``) and with one AB-Sparse
+method at the first budget (``MODE+METHOD``, ``prefill_decode``). Their records carry the attained
+block density of the prefill (mean over layers, sequences and list heads).
 """
 from __future__ import annotations
 
@@ -47,6 +53,10 @@ __all__ = ["MethodSpec", "parse_method", "DEFAULT_METHODS", "summary_kib_per_1k"
            "eval_work", "EvalResult", "write_report", "plot_accuracy", "plot_block_sizes"]
 
 BASES = {"quest": "minmax", "arkvale": "cuboid", "mean": "mean"}
+PREFILL_NAMES = ("causal", "flexprefill", "pbs")  # sparse prefill modes (absparse.hf)
+_PREFILL_FIELDS = {"causal": ("block_size",),       # the PrefillConfig fields each mode reads
+                   "flexprefill": ("block_size", "gamma", "tau", "min_budget", "max_budget"),
+                   "pbs": ("block_size", "segment_size", "threshold")}
 FORMATS = ("fp32", "fp16", "bf16", "int8c", "int4c")
 _BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8c": 8, "int4c": 4}
 _METHOD_RE = re.compile(r"^(ab-)?(quest|arkvale|mean)(?:-(fp32|fp16|bf16|int8c|int4c))?(-mem)?"
@@ -191,11 +201,12 @@ class EvalResult:
         Path(path).write_text("\n".join(json.dumps(r) for r in self.records) + "\n")
 
 
-def _prefill(model, ids: torch.Tensor, page_size: int) -> AbsparseCache:
-    """Dense prefill of ``ids [1, T]`` into a fresh dense AbsparseCache."""
+def _prefill(model, ids: torch.Tensor, page_size: int, prefill=None) -> AbsparseCache:
+    """Prefill of ``ids [1, T]`` into a fresh dense AbsparseCache (dense attention, or the
+    ``absparse.hf.PrefillConfig`` ``prefill``)."""
     from ..hf import AbsparseCache
 
-    cache = AbsparseCache(model.config, None, page_size=page_size)
+    cache = AbsparseCache(model.config, None, page_size=page_size, prefill=prefill)
     with torch.no_grad():
         model(input_ids=ids.to(model.device), past_key_values=cache, use_cache=True,
               logits_to_keep=1)
@@ -262,18 +273,21 @@ def _prompt_ids(tokenizer, sample: Sample, ppl_tokens: int):
 
 
 def eval_work(tokenizer, samples: Sequence[Sample], budgets: Sequence, methods: Sequence[str],
-              batch_size: int, ppl_tokens: int = 16) -> Dict[str, int]:
+              batch_size: int, ppl_tokens: int = 16, prefill: Sequence[str] = ("dense",)
+              ) -> Dict[str, int]:
     """The work of :func:`evaluate` with these arguments in tokens, for
     :class:`absparse.eval.progress.WorkProgress`: ``prefill`` = prompt tokens prefilled (all but the
     last of each prompt, once per sample); ``decode`` = rows x steps of every run (dense and each
-    budget x method, per batch; a run stops early when every row has generated EOS)."""
-    num_runs = 1 + len(budgets) * len(methods)
+    budget x method, per batch; a run stops early when every row has generated EOS); each sparse
+    ``prefill`` mode adds a prefill of every sample and two runs."""
+    sparse = sum(m != "dense" for m in prefill)
+    num_runs = 1 + len(budgets) * len(methods) + 2 * sparse
     work = {"prefill": 0, "decode": 0}
     for idx in _batches(samples, batch_size):
         steps = 0
         for i in idx:
             ids, forced = _prompt_ids(tokenizer, samples[i], ppl_tokens)
-            work["prefill"] += ids.shape[1] - 1
+            work["prefill"] += (1 + sparse) * (ids.shape[1] - 1)
             steps = max(steps, len(forced) if forced is not None else samples[i].max_new_tokens)
         work["decode"] += num_runs * len(idx) * steps
     return work
@@ -284,8 +298,14 @@ def evaluate(model, tokenizer, samples: Sequence[Sample], calibration: Calibrati
              avg_block_size: int = 32, sink_tokens: int = 16, local_tokens: int = 64,
              group_reduce: str = "max", batch_size: int = 8, page_size: Optional[int] = None,
              ppl_tokens: int = 16, progress=None,
-             window_plans: Optional[Dict[str, Dict[str, object]]] = None) -> EvalResult:
+             window_plans: Optional[Dict[str, Dict[str, object]]] = None,
+             prefill: Sequence[str] = ("dense",), prefill_options: Optional[dict] = None,
+             prefill_decode: str = "ab-mean") -> EvalResult:
     """Evaluate ``dense`` and ``methods`` at every budget on ``samples`` (see module docstring).
+
+    ``prefill``: prefill modes; the sparse ones (not ``dense``) are evaluated as ``MODE+dense``
+    and ``MODE+prefill_decode`` (at ``budgets[0]``), with ``PrefillConfig(mode,
+    **prefill_options)``.
 
     ``ppl_tokens``: teacher-forced tokens of each ppl continuation (its first ones).
     ``progress``: optional :class:`absparse.eval.progress.WorkProgress` (any object with
@@ -295,7 +315,7 @@ def evaluate(model, tokenizer, samples: Sequence[Sample], calibration: Calibrati
     on a dense-layout cache (no summaries); their records carry ``kv_tokens_read`` (mean keys
     attended per KV head at the prompt length).
     """
-    from ..hf import AbsparseCache, register
+    from ..hf import AbsparseCache, PrefillConfig, register
 
     register()
     model.set_attn_implementation("absparse")
@@ -312,6 +332,11 @@ def evaluate(model, tokenizer, samples: Sequence[Sample], calibration: Calibrati
     for b in budgets:
         for s in specs:
             layouts[f"{s.name}@{budget_key(b)}"] = s.layout(calibration, b, avg_block_size)
+    sparse_prefills = [PrefillConfig(m, **(prefill_options or {})) for m in prefill
+                       if m != "dense"]
+    combo = (prefill_decode, budgets[0],
+             parse_method(prefill_decode).layout(calibration, budgets[0], avg_block_size)) \
+        if sparse_prefills else None  # only sparse prefills decode with it
     eos = tokenizer.eos_token_id
     batches = _batches(samples, batch_size)
     records: List[dict] = []
@@ -335,45 +360,81 @@ def evaluate(model, tokenizer, samples: Sequence[Sample], calibration: Calibrati
         for name, budget, layout in runs:
             plan = (window_plans or {}).get(name, {}).get(budget_key(budget)) \
                 if budget is not None else None
-            fmt = None if layout is None else next(l.format for l in layout.layers if l is not None)
-            # Selection disagreement is measured for the integer summary formats.
-            compare = "fp32" if fmt is not None and fmt.startswith("int") else None
-            cache = AbsparseCache.stack(bases, layout, None if plan else budget, sink_tokens,
-                                        local_tokens, group_reduce, compare_format=compare)
-            if plan is not None:
-                from ..moa import attach
-                attach(cache, plan)
-            gen, nll = _decode(model, cache, first, plans, eos)
-            bkey = None if budget is None else budget_key(budget)
-            if compare is not None:
-                st = stats[name].setdefault(bkey, {"selected": 0, "differ": 0})
-                for layer in cache.layers:
-                    st["selected"] += layer.stats["selected"]
-                    st["differ"] += layer.stats["differ"]
-            for j, i in enumerate(idx):
-                s = samples[i]
-                rec = {"id": s.id, "task": s.task, "length": s.length, "depth": s.depth,
-                       "prompt_tokens": plans[j]["prompt_tokens"], "method": name,
-                       "budget": bkey}
-                if plan is not None:
-                    rec["kv_tokens_read"] = plan.tokens_read(plans[j]["prompt_tokens"])
-                if s.task == "ppl":
-                    rec.update(nll=nll[j], tokens=len(plans[j]["forced"]))
-                else:
-                    text = tokenizer.decode(gen[j], skip_special_tokens=True)
-                    rec.update(score=score_output(s, text), output=text)
-                records.append(rec)
-            del cache
+            records += _decode_run(model, tokenizer, samples, idx, bases, first, plans, eos, name,
+                                   budget, layout, sink_tokens, local_tokens, group_reduce,
+                                   stats, progress, plan)
+        for cfg in sparse_prefills:
+            ids_list = [_prompt_ids(tokenizer, samples[i], ppl_tokens)[0] for i in idx]
+            sparse_bases = [_prefill(model, ids[:, :-1], page_size, cfg) for ids in ids_list]
+            density = [_mean([d for d in c.prefill_densities() if d is not None])
+                       for c in sparse_bases]
             if progress is not None:
-                progress.advance("decode", len(idx) * max(p["steps"] for p in plans))
+                progress.advance("prefill", sum(p["prompt_tokens"] - 1 for p in plans))
+            for name, budget, layout in ((f"{cfg.mode}+dense", None, None),
+                                         (f"{cfg.mode}+{combo[0]}",) + combo[1:]):
+                recs = _decode_run(model, tokenizer, samples, idx, sparse_bases, first, plans,
+                                   eos, name, budget, layout, sink_tokens, local_tokens,
+                                   group_reduce, stats, progress)
+                for j, rec in enumerate(recs):
+                    rec.update(prefill=cfg.mode, prefill_density=density[j])
+                records += recs
     layouts_by_method = {s.name: layouts[f"{s.name}@{budget_key(budgets[0])}"] for s in specs}
     meta = {"eval_seconds": round(time.perf_counter() - t0, 1), "samples": len(samples),
             "avg_block_size": avg_block_size, "sink_tokens": sink_tokens,
             "local_tokens": local_tokens, "group_reduce": group_reduce, "page_size": page_size,
             "summary_kib_per_1k": {k: summary_kib_per_1k(v, head_dim) for k, v in layouts.items()},
-            "head_dim": head_dim, "window_methods": list(window_plans or {})}
+            "head_dim": head_dim, "window_methods": list(window_plans or {}),
+            "prefill_runs": [f"{c.mode}+{d}" for c in sparse_prefills
+                             for d in ("dense", combo[0])],
+            "prefill_budget": budget_key(budgets[0]),
+            "prefill_config": {c.mode: {k: getattr(c, k) for k in _PREFILL_FIELDS[c.mode]}
+                               for c in sparse_prefills}}
     return EvalResult(records, list(methods) + list(window_plans or {}), list(budgets),
                       layouts_by_method, dict(stats), meta)
+
+
+def _mean(xs: Sequence[float]) -> Optional[float]:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _decode_run(model, tokenizer, samples, idx, bases, first, plans, eos, name, budget, layout,
+                sink_tokens, local_tokens, group_reduce, stats, progress,
+                plan=None) -> List[dict]:
+    """One decode run of a batch (``bases``: its prefilled caches) -> its records. ``plan``: a
+    MoAPlan served through ``absparse.moa.attach`` (windows instead of selection)."""
+    from ..hf import AbsparseCache
+
+    fmt = None if layout is None else next(l.format for l in layout.layers if l is not None)
+    # Selection disagreement is measured for the integer summary formats.
+    compare = "fp32" if fmt is not None and fmt.startswith("int") else None
+    cache = AbsparseCache.stack(bases, layout, None if plan else budget, sink_tokens,
+                                local_tokens, group_reduce, compare_format=compare)
+    if plan is not None:
+        from ..moa import attach
+        attach(cache, plan)
+    gen, nll = _decode(model, cache, first, plans, eos)
+    bkey = None if budget is None else budget_key(budget)
+    if compare is not None:
+        st = stats[name].setdefault(bkey, {"selected": 0, "differ": 0})
+        for layer in cache.layers:
+            st["selected"] += layer.stats["selected"]
+            st["differ"] += layer.stats["differ"]
+    records = []
+    for j, i in enumerate(idx):
+        s = samples[i]
+        rec = {"id": s.id, "task": s.task, "length": s.length, "depth": s.depth,
+               "prompt_tokens": plans[j]["prompt_tokens"], "method": name, "budget": bkey}
+        if plan is not None:
+            rec["kv_tokens_read"] = plan.tokens_read(plans[j]["prompt_tokens"])
+        if s.task == "ppl":
+            rec.update(nll=nll[j], tokens=len(plans[j]["forced"]))
+        else:
+            text = tokenizer.decode(gen[j], skip_special_tokens=True)
+            rec.update(score=score_output(s, text), output=text)
+        records.append(rec)
+    if progress is not None:
+        progress.advance("decode", len(idx) * max(p["steps"] for p in plans))
+    return records
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -441,10 +502,47 @@ def write_report(result: EvalResult, path: Union[str, Path], header: str = "") -
         lines.append(f"| {m} - {ref} | " + " | ".join(cells) + " |")
     paired_lines, paired_data = paired_report(result)
     lines += paired_lines
+    lines += _prefill_section(result)
     text = "\n".join(lines) + "\n"
     Path(path).write_text(text)
     Path(path).with_name("paired.json").write_text(json.dumps(paired_data, indent=1))
     return text
+
+
+def _prefill_section(result: EvalResult) -> List[str]:
+    """Sparse-prefill runs beside dense: accuracy, per task, NLL and attained block density."""
+    runs = result.meta.get("prefill_runs") or []
+    if not runs:
+        return []
+    b = result.meta["prefill_budget"]
+    tasks = result.task_names()
+    lengths = sorted({r["length"] for r in result.records if r.get("prefill")})
+    lines = ["", "## Sparse prefill", "",
+             "Prefill (all prompt tokens but the last) through `sparse_prefill` with the block "
+             "lists of FlexPrefill or PBS-Attn, then decode dense or with one AB-Sparse method "
+             f"(budget {b}). Density: listed / causal blocks of the prefill, mean over layers, "
+             "heads and samples. Settings: " + "; ".join(
+                 f"{m}: " + ", ".join(f"{k} {v}" for k, v in c.items() if k != "mode")
+                 for m, c in result.meta.get("prefill_config", {}).items()), "",
+             "| prefill + decode | accuracy | " + " | ".join(tasks) + " | ppl NLL / token | " +
+             " | ".join(f"density @{n}" for n in lengths) + " |",
+             "|---|---|" + "---|" * (len(tasks) + 1 + len(lengths))]
+    rows = [("dense + dense", "dense", None)]
+    decode = {r.split("+", 1)[1] for r in runs} - {"dense"}
+    rows += [(f"dense + {m}", m, b) for m in sorted(decode) if m in result.methods]
+    rows += [(r.replace("+", " + ", 1), r, None if r.endswith("+dense") else b) for r in runs]
+    for label, m, bk in rows:
+        cells = [result.accuracy(m, bk)] + [result.accuracy(m, bk, t) for t in tasks]
+        dens = []
+        for n in lengths:
+            d = [r["prefill_density"] for r in result._cells(m, bk) if r["length"] == n
+                 and r.get("prefill_density") is not None]
+            dens.append(_mean(d))
+        lines.append(f"| {label} | " + " | ".join(_fmt(c) for c in cells) +
+                     f" | {_fmt(result.nll(m, bk), 3)} | " +
+                     " | ".join("1 (SDPA)" if not m.count("+") or m.split("+")[0] not in
+                                PREFILL_NAMES else _fmt(d, 3) for d in dens) + " |")
+    return lines
 
 
 def plot_accuracy(result: EvalResult, path: Union[str, Path]) -> None:
