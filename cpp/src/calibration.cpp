@@ -89,8 +89,9 @@ double rank_key(double x) { return std::isnan(x) ? -std::numeric_limits<double>:
 
 // acc[g][t] += sum_d q[g][d] * keys[d][t] for t in [0, width), G queries at once.
 // keys: channel-major [D][ld] float32; acc: G rows of ld_acc float64, zeroed by the caller.
-// Per element the sum runs over d in order from 0.0 (the dot product of decode_attention.cpp);
-// four channels are applied per pass over acc, which keeps that order and saves loads/stores.
+// Per element the sum runs over d in order from 0.0 (a sequential sum: it agrees with the four
+// partial sums of float64_rows::dot to float64 rounding); four channels are applied per pass over
+// acc, which keeps that order and saves loads/stores.
 ABSPARSE_VECTOR_CLONES
 void dot_tile(const double* __restrict__ q, int32_t group, int32_t dim, const float* keys,
               int64_t ld, int64_t width, double* acc, int64_t ld_acc) {

@@ -12,6 +12,7 @@
 
 #include "absparse/error.h"
 #include "absparse/prefill_masks.h"
+#include "float64_rows.h"
 
 namespace absparse::prefill_detail {
 
@@ -134,11 +135,7 @@ inline std::vector<double> pool(const std::vector<double>& rows, int64_t count, 
   return pooled;
 }
 
-inline double dot(const double* a, const double* b, int32_t dim) {
-  double acc = 0.0;
-  for (int32_t d = 0; d < dim; ++d) acc += a[d] * b[d];
-  return acc;
-}
+using float64_rows::dot;
 
 // In-place softmax of x[0, n): NaN everywhere when a logit is not finite (a non-finite input).
 inline void softmax(double* x, int64_t n) {
