@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _C
-from .ops import _default_scale, _tensor
+from .ops import _attention_out, _cuda_stream, _default_scale, _is_cuda, _tensor
 
 __all__ = ["sparse_prefill", "dense_causal_block_lists"]
 
@@ -112,13 +112,8 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
     q_block = _positive_int(q_block, fn, "q_block")
     k_block = _positive_int(k_block, fn, "k_block")
     scale = _default_scale(q, scale, fn)
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = None
-    if return_lse:
-        shape = tuple(q.shape[:2]) if q.dim() == 3 else (0, 0)
-        lse = torch.empty(shape, dtype=torch.float32, device=q.device)
-    stream = torch.cuda.current_stream(q.device).cuda_stream if q.is_cuda else 0
+    out, lse = _attention_out(q, out, return_lse)  # [T, Hq, D] and [T, Hq], as for decode
+    stream = _cuda_stream(q) if _is_cuda(q) else 0
     _C.sparse_prefill(q, k, v, cu_seqlens, block_indices, block_counts, q_block, k_block,
                       key_positions, scale, out, lse, stream)
     return (out, lse) if return_lse else out

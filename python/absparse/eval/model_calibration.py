@@ -32,7 +32,7 @@ from ..allocation import (allocate_block_sizes, describe_layout, head_recall,
                           layout_from_allocation, uniform_block_sizes)
 from ..layout import ModelLayout
 
-__all__ = ["Calibration", "capture_qk", "probe_positions", "calibrate", "budget_key",
+__all__ = ["Calibration", "capture_qk", "capture_qkv", "probe_positions", "calibrate", "budget_key",
            "parse_budget", "SUMMARIES", "FORMAT_BITS"]
 
 SUMMARIES = ("minmax", "cuboid", "mean")
@@ -71,9 +71,11 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
     rec = _recorder
     if rec is not None:
         probes = rec["positions"].to(query.device, torch.int64)
-        # query [1, Hq, T, D] -> [N, Hq, D]; key [1, Hk, T, D] -> [T, Hk, D]
+        # query [1, Hq, T, D] -> [N, Hq, D]; key / value [1, Hk, T, D] -> [T, Hk, D]
         rec["q"][module.layer_idx] = query[0, :, probes].transpose(0, 1).float().cpu().contiguous()
         rec["k"][module.layer_idx] = key[0].transpose(0, 1).float().cpu().contiguous()
+        if "v" in rec:
+            rec["v"][module.layer_idx] = value[0].transpose(0, 1).float().cpu().contiguous()
         rec["scale"][module.layer_idx] = scaling
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                   scaling=scaling, **kwargs)
@@ -89,9 +91,9 @@ def _attn_implementation(model, name: str):
         model.set_attn_implementation(old)
 
 
-def capture_qk(model, input_ids: torch.Tensor, positions: torch.Tensor):
-    """Run ``input_ids [1, T]`` densely; return per layer ``(q [N, Hq, D], k [T, Hk, D])`` float32
-    on the CPU and the attention scale of each layer."""
+def _capture(model, input_ids: torch.Tensor, positions: torch.Tensor, values: bool) -> dict:
+    """One dense forward of ``input_ids [1, T]`` recording, per layer index, the probe queries,
+    the keys (and the values) and the attention scale (see capture_qk / capture_qkv)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -99,14 +101,29 @@ def capture_qk(model, input_ids: torch.Tensor, positions: torch.Tensor):
     AttentionInterface.register(_CAPTURE, _capture_attention)
     AttentionMaskInterface.register(_CAPTURE, sdpa_mask)
     _recorder = {"positions": positions, "q": {}, "k": {}, "scale": {}}
+    if values:
+        _recorder["v"] = {}
     try:
         with _attn_implementation(model, _CAPTURE), torch.no_grad():
             model(input_ids=input_ids.to(model.device), use_cache=False, logits_to_keep=1)
-        rec = _recorder
+        return _recorder
     finally:
         _recorder = None
+
+
+def capture_qk(model, input_ids: torch.Tensor, positions: torch.Tensor):
+    """Run ``input_ids [1, T]`` densely; return per layer ``(q [N, Hq, D], k [T, Hk, D])`` float32
+    on the CPU and the attention scale of each layer."""
+    rec = _capture(model, input_ids, positions, values=False)
     n = len(rec["k"])
     return [(rec["q"][i], rec["k"][i]) for i in range(n)], [rec["scale"][i] for i in range(n)]
+
+
+def capture_qkv(model, input_ids: torch.Tensor, positions: torch.Tensor):
+    """Run ``input_ids [1, T]`` densely; per layer ``(q [N, Hq, D], k [T, Hk, D], v [T, Hk, D],
+    scale)``, float32 on the CPU."""
+    rec = _capture(model, input_ids, positions, values=True)
+    return [(rec["q"][i], rec["k"][i], rec["v"][i], rec["scale"][i]) for i in range(len(rec["k"]))]
 
 
 def _summary_ranges(k: torch.Tensor, candidates: Sequence[int], summary: str) -> torch.Tensor:

@@ -41,6 +41,7 @@ import torch
 
 from ..layout import LayerLayout
 from ..ops import dense_decode, select_blocks, sparse_decode, update_centroids
+from .model_calibration import budget_key, capture_qkv, parse_budget
 from .stats import bootstrap_ci, paired_bootstrap
 
 __all__ = ["DOC_KINDS", "QUALITY_METHODS", "quality_documents", "quality_probe_positions",
@@ -54,8 +55,6 @@ QUALITY_METHODS = ("quest", "quest-int8c", "quest-int4c", "ab-quest", "ab-quest-
                    "mean", "ab-mean", "ab-mean-int8c", "ab-mean-int4c")
 QUALITY_SEED_BASE = 3_000_000         # disjoint from EVAL_SEED_BASE and CALIB_SEED_BASE streams
 METRICS = ("recall", "l2", "jaccard")
-_CAPTURE = "absparse_capture_qkv"
-_recorder: Optional[dict] = None
 
 # Standard-library modules whose docstrings / source make the "prose" / "code" documents.
 _STDLIB = ("argparse", "asyncio.events", "calendar", "collections", "concurrent.futures._base",
@@ -124,44 +123,6 @@ def quality_probe_positions(length: int, num_probes: int, start: float = 0.25) -
     lo = int(start * length)
     pos = torch.linspace(length - 1, lo, num_probes).round().to(torch.int64).flip(0)
     return torch.unique(pos).to(torch.int32)
-
-
-# --- capture -------------------------------------------------------------------------------------
-def _capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                       **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    rec = _recorder
-    if rec is not None:
-        probes = rec["positions"].to(query.device, torch.int64)
-        # query [1, Hq, T, D] -> [N, Hq, D]; key / value [1, Hk, T, D] -> [T, Hk, D]
-        rec["q"][module.layer_idx] = query[0, :, probes].transpose(0, 1).float().cpu().contiguous()
-        rec["k"][module.layer_idx] = key[0].transpose(0, 1).float().cpu().contiguous()
-        rec["v"][module.layer_idx] = value[0].transpose(0, 1).float().cpu().contiguous()
-        rec["scale"][module.layer_idx] = scaling
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                  scaling=scaling, **kwargs)
-
-
-def capture_qkv(model, input_ids: torch.Tensor, positions: torch.Tensor):
-    """Run ``input_ids [1, T]`` densely; per layer ``(q [N, Hq, D], k [T, Hk, D], v [T, Hk, D],
-    scale)``, float32 on the CPU."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    from .model_calibration import _attn_implementation
-
-    global _recorder
-    AttentionInterface.register(_CAPTURE, _capture_attention)
-    AttentionMaskInterface.register(_CAPTURE, sdpa_mask)
-    _recorder = {"positions": positions, "q": {}, "k": {}, "v": {}, "scale": {}}
-    try:
-        with _attn_implementation(model, _CAPTURE), torch.no_grad():
-            model(input_ids=input_ids.to(model.device), use_cache=False, logits_to_keep=1)
-        rec = _recorder
-    finally:
-        _recorder = None
-    return [(rec["q"][i], rec["k"][i], rec["v"][i], rec["scale"][i]) for i in range(len(rec["k"]))]
 
 
 # --- one layer -----------------------------------------------------------------------------------
@@ -304,7 +265,6 @@ class QualityResult:
     @classmethod
     def from_json(cls, d: dict) -> "QualityResult":
         """Inverse of :meth:`to_json` (documents without their token ids)."""
-        from .model_calibration import parse_budget
 
         values = {m: {b: {k: torch.tensor(v, dtype=torch.float64) for k, v in per.items()}
                       for b, per in by_b.items()} for m, by_b in d["values"].items()}
@@ -354,7 +314,6 @@ def measure_quality(model, tokenizer, calibration, docs: Sequence[dict], budgets
     builds them (:meth:`MethodSpec.layout` on ``calibration``); ``progress(1)`` after each
     document."""
     from .evaluation import parse_method
-    from .model_calibration import budget_key
 
     specs = [parse_method(m) for m in methods]
     pairs = quality_pairs(methods)
@@ -407,7 +366,6 @@ def _ci_text(c: dict, pct: bool = True, signed: bool = False) -> str:
 def write_quality_report(result: QualityResult, path: Union[str, Path], header: str = "") -> str:
     """Markdown: recall / l2 / Jaccard per method and budget with 95 % intervals, the paired
     differences, and recall per layer; also writes ``quality.json`` next to ``path``."""
-    from .model_calibration import budget_key
 
     bk = [budget_key(b) for b in result.budgets]
     m = result.meta
@@ -476,7 +434,6 @@ def plot_recall(result: QualityResult, path: Union[str, Path]) -> None:
     import matplotlib.pyplot as plt
 
     from .evaluation import parse_method
-    from .model_calibration import budget_key
 
     bk = [budget_key(b) for b in result.budgets]
     x = list(range(len(bk)))
@@ -592,7 +549,6 @@ def _run(args, argv) -> int:
     from .arguments import check_environment, check_layouts, load_calibration, make_out
     from .arguments import placeholder_calibration
     from .cli import _device_description, _load
-    from .model_calibration import budget_key
 
     _check(args)
     cal = load_calibration(Path(args.calibration)) if args.calibration else None
