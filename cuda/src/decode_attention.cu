@@ -42,7 +42,6 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kTileRows = 16 * kWarps;   // positions per tile: 16 per warp
 constexpr int kPad = 8;                  // q / P row padding in elements (16 bytes): conflict-free
 constexpr int kMaxEntries = 128;         // entries resolved per segment
-constexpr int kOffsetSlots = 4;          // tiles whose row offsets are held (stages <= 3, + 1)
 constexpr int kMaxClusterSplits = 16;
 constexpr int64_t kSplitTargetPositions = 512;  // S = ceil(capacity positions / this), capped
 constexpr int64_t kSplitGranule = 16;           // a CTA's positions: a multiple of one warp's rows
@@ -114,9 +113,10 @@ struct AttnLayout {
     T p[kWarps][kNT][2][8][kPStride];      // per warp: P (hi, lo) [head][position]
     int64_t k_base[kMaxEntries];           // element offset of an entry's first K row; -1: masked
     int64_t v_base[kMaxEntries];
-    int64_t row_k[kOffsetSlots][kTileRows];  // per tile: element offset of each row; -1: masked
-    int64_t row_v[kOffsetSlots][kTileRows];
   };
+  // After the tiles (or the merge area): the element offsets of each row of the stages + 1 tiles
+  // whose addresses are held (the stages in flight and the next one), K then V; -1: masked.
+  static constexpr size_t kRowOffsetBytes = 2 * sizeof(int64_t) * kTileRows;
   // Merge area (reuses the tile buffers once the pipeline has drained): the 4 warps' partials,
   // then the CTA's partial that the other CTAs of the cluster read.
   struct Merge {
@@ -128,9 +128,13 @@ struct AttnLayout {
     int cta_valid;
     float cta_o[kG][D];
   };
-  static size_t bytes(int stages) {
+  static __host__ __device__ size_t tile_area_bytes(int stages) {
     const size_t tiles = 2 * kTileBytes * stages;
-    return sizeof(Fixed) + (tiles > sizeof(Merge) ? tiles : sizeof(Merge));
+    const size_t merge = (sizeof(Merge) + 15) / 16 * 16;
+    return tiles > merge ? tiles : merge;
+  }
+  static size_t bytes(int stages) {
+    return sizeof(Fixed) + tile_area_bytes(stages) + (stages + 1) * kRowOffsetBytes;
   }
 };
 
@@ -147,6 +151,16 @@ __global__ void __launch_bounds__(kThreads)
   unsigned char* tiles = smem_raw + sizeof(Fixed);
   Merge& mg = *reinterpret_cast<Merge*>(tiles);
   const int stages = a.stages;
+  const int offset_slots = stages + 1;  // 3 or 4
+  // Offset slot of a tile: a constant-divisor remainder (a 64-bit remainder by a run-time value
+  // is a software division, three per tile: dense batch 1 ran 8-10 % slower with it on the
+  // H200). Tiles of a segment fit in 32 bits.
+  auto slot_of = [offset_slots](int64_t tile) {
+    const uint32_t t = static_cast<uint32_t>(tile);
+    return static_cast<int>(offset_slots == 4 ? t & 3u : t % 3u);
+  };
+  int64_t* row_k = reinterpret_cast<int64_t*>(tiles + L::tile_area_bytes(stages));  // [slot][row]
+  int64_t* row_v = row_k + offset_slots * kTileRows;
   auto k_tile = [&](int stage) { return reinterpret_cast<T*>(tiles + (2 * stage) * L::kTileBytes); };
   auto v_tile = [&](int stage) {
     return reinterpret_cast<T*>(tiles + (2 * stage + 1) * L::kTileBytes);
@@ -227,7 +241,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
 
     const int64_t num_tiles = ceil_div(seg_end - seg_begin, kTileRows);
-    // Threads 0..63: the K / V row offsets of tile `tile` into offset slot tile % kOffsetSlots.
+    // Threads 0..63: the K / V row offsets of tile `tile` into offset slot tile % (stages + 1).
     auto offsets = [&](int64_t tile) {
       if (tid < kTileRows && tile < num_tiles) {
         const int64_t pos = seg_begin + tile * kTileRows + tid;
@@ -241,20 +255,24 @@ __global__ void __launch_bounds__(kThreads)
             vo = fx.v_base[e] + off * a.v_stride_token;
           }
         }
-        fx.row_k[tile % kOffsetSlots][tid] = ko;
-        fx.row_v[tile % kOffsetSlots][tid] = vo;
+        const int slot = slot_of(tile);
+        row_k[slot * kTileRows + tid] = ko;
+        row_v[slot * kTileRows + tid] = vo;
       }
     };
-    // All threads: cp.async of a tile's K and V rows (thread -> row tid / 2, 8 chunks).
+    // All threads: cp.async of a tile's K and V rows, thread -> chunk i % (D / 8) of row
+    // i / (D / 8) for i = tid + 128 it, so that a warp's copy instruction reads whole rows (two
+    // at D 128). (Two threads per row, each reading its row offsets once, measured 1.3x slower
+    // on the H200: each copy instruction then touches 16 rows.)
     auto issue = [&](int64_t tile, int stage) {
       T* kt = k_tile(stage);
       T* vt = v_tile(stage);
-      const int slot = static_cast<int>(tile % kOffsetSlots);
+      const int slot = slot_of(tile);
 #pragma unroll
       for (int it = 0; it < kTileRows * kChunks / kThreads; ++it) {
         const int i = tid + it * kThreads;
         const int row = i / kChunks, c = i % kChunks;
-        const int64_t ko = fx.row_k[slot][row], vo = fx.row_v[slot][row];
+        const int64_t ko = row_k[slot * kTileRows + row], vo = row_v[slot * kTileRows + row];
         cp_async_16(kt + swz<D>(row, c * 8), kbase + (ko >= 0 ? ko + c * 8 : 0), ko >= 0);
         cp_async_16(vt + swz<D>(row, c * 8), vbase + (vo >= 0 ? vo + c * 8 : 0), vo >= 0);
       }
@@ -275,14 +293,14 @@ __global__ void __launch_bounds__(kThreads)
         issue(t + stages - 1, static_cast<int>((t + stages - 1) % stages));
       }
       cp_async_commit();
-      offsets(t + stages);  // slot (t + stages) % 4: not the slots of tiles t .. t + stages - 1
+      offsets(t + stages);  // the slot of tile t - 1 (stages + 1 slots), which nobody reads now
 
       const T* kt = k_tile(stage);
       const T* vt = v_tile(stage);
       const int r0 = 16 * warp;  // this warp's rows of the tile
-      const int slot = static_cast<int>(t % kOffsetSlots);
-      const bool ok_lo = fx.row_k[slot][r0 + gid] >= 0;
-      const bool ok_hi = fx.row_k[slot][r0 + gid + 8] >= 0;
+      const int64_t* tile_rows = row_k + slot_of(t) * kTileRows;
+      const bool ok_lo = tile_rows[r0 + gid] >= 0;
+      const bool ok_hi = tile_rows[r0 + gid + 8] >= 0;
       valid_rows += __popc(__ballot_sync(kFullMask, ok_lo && tq == 0)) +
                     __popc(__ballot_sync(kFullMask, ok_hi && tq == 0));
       if (!__any_sync(kFullMask, ok_lo || ok_hi)) continue;  // nothing of this warp's rows
@@ -494,12 +512,35 @@ int64_t typical_positions(const DecodeAttentionParams& p) {
   return most;
 }
 
-// The launch plan: cluster size S and pipeline depth. Worked example (Llama-3.1-8B heads, D 128,
-// bf16): a 2048-token budget with 8-token blocks (max_blocks 256, C = 2055) gives S = 5 CTAs of at
-// most 416 positions (7 tiles), 3 stages (~108 KB of shared memory: 2 CTAs per multiprocessor);
-// dense over a 128K page table gives S = 16 CTAs of 8192 positions, 3 stages. Fewer, longer CTAs
-// amortize each CTA's fixed latency (entries -> pages -> first tile, the cluster merge); the
-// sequence's own length decides at run time how many of the S CTAs have positions.
+// CTAs with `stages` tile buffers that one multiprocessor holds at once (shared memory and
+// registers), cached per stage count. Times the multiprocessor count it bounds the resident
+// CTAs from above (clusters must also fit within GPCs).
+template <typename T, int D, int kNT>
+int ctas_per_multiprocessor(int stages) {
+  using L = AttnLayout<T, D, kNT>;
+  static std::atomic<int> cache[4];  // [stages 2, 3]; 0: not asked yet
+  int n = cache[stages].load(std::memory_order_relaxed);
+  if (n == 0) {
+    ABSPARSE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &n, attention_kernel<T, D, kNT>, kThreads, L::bytes(stages)));
+    n = n > 0 ? n : -1;
+    cache[stages].store(n, std::memory_order_relaxed);
+  }
+  return n > 0 ? n : 0;
+}
+
+// The launch plan: cluster size S and pipeline depth. S comes from capacities only (so a
+// sequence's results never depend on the rest of the batch); the depth changes speed, never
+// results. Depth: 3 stages (2 tiles in flight) when all B Hk S CTAs can be resident at once with
+// them and a CTA has more than 2 tiles, else 2 stages, which keep the most CTAs
+// resident (3 per multiprocessor at D 128 instead of 2): a partial second wave costs a whole
+// CTA's latency. Worked example (Llama-3.1-8B heads, D 128, bf16): a 2048-token
+// budget with 8-token blocks (max_blocks 256, C = 2055) gives S = 5 CTAs of at most 416
+// positions (7 tiles); batch 1 (8 clusters) runs 3 stages, batch 8 (64 clusters, 320 CTAs) 2
+// stages in one wave (3 stages would hold only 264 CTAs). Dense over a 128K page table:
+// S = 16 CTAs of 8192 positions. Fewer, longer CTAs amortize each CTA's fixed latency (entries ->
+// pages -> first tile, the cluster merge); the sequence's own length decides at run time how
+// many of the S CTAs have positions.
 struct AttnPlan {
   int splits, stages;
   size_t smem;
@@ -518,7 +559,7 @@ AttnPlan plan_attention(const DecodeAttentionParams& p) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(kMaxClusterSplits, 1, 1);
     cfg.blockDim = dim3(kThreads, 1, 1);
-    cfg.dynamicSmemBytes = L::bytes(3) <= kSmemLimit ? L::bytes(3) : L::bytes(2);
+    cfg.dynamicSmemBytes = L::bytes(2);
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeClusterDimension;
     attr[0].val.clusterDim.x = kMaxClusterSplits;
@@ -534,8 +575,14 @@ AttnPlan plan_attention(const DecodeAttentionParams& p) {
   AttnPlan plan;
   plan.splits = static_cast<int>(clamp64(ceil_div(most, kSplitTargetPositions), 1, cap));
   const int64_t per = ceil_div(ceil_div(most, plan.splits), kSplitGranule) * kSplitGranule;
-  plan.stages = per > 3 * kTileRows ? 3 : 2;
-  while (plan.stages > 2 && L::bytes(plan.stages) > kSmemLimit) --plan.stages;
+  const int64_t clusters = static_cast<int64_t>(p.geometry.batch) * p.geometry.num_kv_heads;
+  const int64_t resident_ctas_3 =
+      static_cast<int64_t>(ctas_per_multiprocessor<T, D, kNT>(3)) * multiprocessor_count();
+  plan.stages = 2;
+  if (ceil_div(per, kTileRows) > 2 && L::bytes(3) <= kSmemLimit &&
+      resident_ctas_3 >= clusters * plan.splits) {
+    plan.stages = 3;
+  }
   plan.smem = L::bytes(plan.stages);
   return plan;
 }
