@@ -100,7 +100,7 @@ if want sanitizer; then
   # Without the caching allocator every tensor is its own allocation, so memcheck sees overruns.
   MEMCHECK_K="sanitizer_smoke or (test_attention_matches_cpu and s1000-)"
   MEMCHECK_K+=" or (test_select_blocks_matches_cpu and s1002-) or max-cuboid-int8c"
-  MEMCHECK_K+=" or softmax_sum-minmax-int4]"
+  MEMCHECK_K+=" or softmax_sum-minmax-int4] or (test_large_selection_with_sampled_floor and 2048)"
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck sanitizer.log 60 150 "$SAN" --tool memcheck \
     --error-exitcode 9 --print-limit 40 "$PY" -m pytest tests/test_gpu.py -q -x \
     -p no:cacheprovider -k "$MEMCHECK_K"

@@ -374,6 +374,39 @@ def test_selection_resolves_close_scores(ab, fmt):
     _assert_selection_close(case, inp, s, sc, got, expect, args)
 
 
+@pytest.mark.parametrize("period", [None, 2048, 64])
+def test_large_selection_with_sampled_floor(ab, period):
+    """More candidates than the GPU top-k keeps in shared memory (16384) and a 2048-token budget:
+    the top-k first takes a floor from every 16th key and skips the keys below it. Random keys
+    (the lists match the CPU's within the tie rule), and keys repeating every `period` tokens, so
+    that blocks tie exactly in groups of 16 to 1250 and the k-th largest score is shared by
+    blocks on both sides of the floor (the lists equal the CPU's: lowest indices first)."""
+    case = _long_case(torch.bfloat16, 128, 4, block_sizes=(4, 16), page_size=64,
+                      seq_lens=(80000, 70000), summary="minmax", format="int4c", budget=2048,
+                      sink=16, local=64, extra_pages=1, extra_cols=1)
+    inp = make_inputs(case, poison=False)
+    if period is not None:
+        gen = torch.Generator().manual_seed(period)
+        base = torch.randn(period, *inp.k_cache.shape[2:], generator=gen).to(case.dtype)
+        P = case.page_size
+        for b, L in enumerate(case.seq_lens):
+            tok = torch.arange(L)
+            pages = inp.page_table[b, tok // P].long()
+            inp.k_cache[pages, tok % P] = base[tok % period]
+    layout = lib_layout(ab, inp.ref_layout)
+    s, sc = _cpu_summaries(ab, case, inp, layout)
+    dev = _dev(inp)
+    args = _select_args(case)
+    got = ab.select_blocks(dev.q, _cuda(s), _cuda(sc), dev.page_table, dev.seq_lens, layout, **args)
+    expect = ab.select_blocks(inp.q, s, sc, inp.page_table, inp.seq_lens, layout, **args)
+    candidates = case.seq_lens[1] // 4 - 4 - 16
+    assert candidates > 16384 and 0 < int(expect[1][0, 0]) < candidates // 16
+    if period is None:
+        _assert_selection_close(case, inp, s, sc, got, expect, args)
+    else:
+        assert torch.equal(got[1].cpu(), expect[1]) and torch.equal(got[0].cpu(), expect[0])
+
+
 @pytest.mark.parametrize("fmt", ref.FORMATS)
 @pytest.mark.parametrize("summary", ref.SUMMARIES)
 @pytest.mark.parametrize("reduce", ["max", "softmax_sum"])

@@ -1,40 +1,46 @@
 // select_blocks on the GPU (docs/decode.md, "Selection"): one fused kernel per call (plus a memset
 // of its arrival counters) on the caller's stream.
 //
-// Grid (X, B), 256 threads. X enumerates (KV head h, chunk c): head h owns the CTAs
-// [chunk_begin[h], chunk_begin[h+1]), enough chunks of chunk_blocks candidate blocks for the
-// longest sequence the page table can hold (capacity / bs_h), so heads with small blocks get more
-// CTAs and mixed block sizes stay balanced. CTA (h, c) of sequence b:
+// One-dimensional grid, 256 threads. Each KV head h gets, per sequence, enough chunks of
+// chunk_blocks candidate blocks for the longest sequence the page table can hold (capacity /
+// bs_h), so heads with small blocks get more CTAs and mixed block sizes stay balanced. The CTAs
+// run head by head, smallest block size first (most candidates: the longest selections start
+// early and the grid ends with short ones), and within a head sequence by sequence, so that the
+// chunks of one (sequence, head) run together. CTA (h, c) of sequence b:
 //   1. recomputes the plan of (b, h) from seq_lens (device_plan, the CPU's arithmetic); when
 //      nothing is ranked (k = 0 or k = all candidates) only chunk 0 runs, writing the list;
 //   2. scores candidate blocks [sink + c NB, sink + (c+1) NB) (NB = chunk_blocks, in passes of
-//      256 blocks that reuse the query side built once) and writes one uint32 key per block
-//      (group_reduce max: an order-preserving key of the max over the group of the block logits,
-//      NaN -> -inf) or the G float logits (softmax_sum) to the workspace;
+//      256 blocks that reuse the query side built once; each pass loads the next one's
+//      page-table entries) and writes one uint32 key per block (group_reduce max: an
+//      order-preserving key of the max over the group of the block logits, NaN -> -inf) or the
+//      G float logits (softmax_sum) to the workspace;
 //   3. signals arrival on the (b, h) counter (fence + atomic, like a split-K semaphore); the last
 //      CTA to arrive selects: an exact radix select of the k largest keys over the bits below the
 //      prefix all keys share (11-bit digits, shared-memory histograms, stopping as soon as the
-//      threshold digit holds exactly the keys still wanted), ties to the lower block index, an
-//      ordered compaction (one ballot per 32 candidates into bitmaps, two block scans per 16384
-//      candidates), and writes sink ∪ selected ∪ local ascending, -1 padding and the count.
+//      threshold digit holds exactly the keys still wanted; above 16384 candidates, whose keys
+//      stay in L2, a floor estimated from every 16th key first), ties to the lower block index,
+//      an ordered compaction (one ballot per 32 candidates into bitmaps, two block scans per
+//      16384 candidates), and writes sink ∪ selected ∪ local ascending, -1 padding and the count.
 //
 // Two scorers share that frame:
-//   MmaScorer<D, bits> (16-byte aligned caches, every format except fp32 and the per-vector int8 /
-//     int4 box kinds): block logits as a small tensor-core product. With c > 0 per channel,
-//     max(q hi, q lo) = q+ hi + q- lo (q+ = max(q, 0), q- = min(q, 0)) when hi >= lo, which the
-//     monotone per-channel codes and the float formats guarantee; so the logits of 16 blocks are
-//     one product codes[16 x R D] . X[R D x 2G] with X = (q+ c ; q- c) (mean: q c), each column
-//     split into a high and a low 16-bit part (X = hi + lo to ~2^-16 relative; the two columns of
-//     a head are added after the product). Codes convert to the MMA type exactly with bit tricks:
-//     4-bit codes n -> bf16(128 + n) - 128, 8-bit codes -> fp16(1024 + n) - 1024 (signed codes
-//     are biased by 8 / 128 first). fp16 operands are scaled by a power of two per head so that
-//     |X| <= 1 (no overflow; undone after the product). Per-channel zero points add q . zero per
-//     head, per-vector scales multiply each block's product.
+//   MmaScorer<D, bits, n-tiles> (16-byte aligned caches, every format except fp32 and the
+//     per-vector int8 / int4 box kinds): block logits as a small tensor-core product. With c > 0
+//     per channel, max(q hi, q lo) = q+ hi + q- lo (q+ = max(q, 0), q- = min(q, 0)) when
+//     hi >= lo, which the monotone per-channel codes and the float formats guarantee; so the
+//     logits of 16 blocks are one product codes[16 x R D] . X[R D x 2G] with X = (q+ c ; q- c)
+//     (mean: q c), each column split into a high and a low 16-bit part (X = hi + lo to ~2^-16
+//     relative; the two columns of a head are added after the product). Codes convert to the MMA
+//     type exactly with bit tricks: 4-bit codes n -> bf16(128 + n) - 128, 8-bit codes ->
+//     fp16(1024 + n) - 1024 (signed codes are biased by 8 / 128 first). fp16 operands are scaled
+//     by a power of two per head so that |X| <= 1 (no overflow; undone after the product).
+//     Per-channel zero points add q . zero per head, per-vector scales multiply each block's
+//     product.
 //   GenericScorer<D>: stages summaries in shared memory (any alignment), dequantizes to float32 per
 //     lane (box kinds: mid = (hi+lo)/2, rad = |hi-lo|/2, so max(q hi, q lo) = q mid + |q| rad for
 //     either order) and reduces each head's dot product over the warp.
 // A logit that is not finite (a non-finite q or summary value, or float32 overflow) becomes NaN,
 // ranked below every number, as on the CPU (docs/decode.md).
+#include <algorithm>
 #include <type_traits>
 
 #include "common.cuh"
@@ -47,12 +53,16 @@ constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kTilesPerWarp = 2;                               // m-tiles of 16 blocks per warp
 constexpr int kSubChunk = 16 * kTilesPerWarp * kWarps;  // 256 candidate blocks per scoring pass
-constexpr int kMaxNTiles = 2 * kCudaMaxGroup / 8;              // n-tiles of 8 columns: 2G <= 32
 constexpr int kDigitBits = 11;
 constexpr int kBins = 1 << kDigitBits;
 constexpr int kKeyCache = 16384;  // candidates whose keys the selecting CTA keeps in shared memory
 constexpr int kBatch = 8;         // keys per lane loaded together in the selection passes
 constexpr int kCompactWords = 512;  // compaction segment: 32 x 512 candidates, 2 words per thread
+// Every kSampleStride-th key estimates a floor for the radix select when the keys do not fit in
+// shared memory (each pass re-reads them from L2; the floor shortens the digits). Measured on the
+// H200: with the keys in shared memory (<= 16 K) the estimate costs more than it saves.
+constexpr int kSampleStride = 16;
+constexpr int kSampleMin = kKeyCache + 1;
 constexpr int kGenericStageBytes = 32 * 1024;
 
 struct SelectArgs {
@@ -93,8 +103,11 @@ struct SelectArgs {
   int32_t* block_counts;
   int64_t bc_stride_batch, bc_stride_head;
   int chunk_blocks;    // candidate blocks per CTA, a multiple of kSubChunk
-  int num_chunk_ctas;  // chunk_begin[Hk]
+  int num_chunk_ctas;  // chunk_begin[Hk]: CTAs per sequence
+  // Heads in launch order (head_order[i]); the chunk CTAs of the head at position i are
+  // [chunk_begin[i], chunk_begin[i + 1]) of each sequence.
   int32_t chunk_begin[kCudaMaxKvHeads + 1];
+  uint8_t head_order[kCudaMaxKvHeads];
   uint8_t log2_block[kCudaMaxKvHeads];
   int32_t slot_offset[kCudaMaxKvHeads];
 };
@@ -124,14 +137,21 @@ __device__ inline float finite_or_nan(float x) { return isfinite(x) ? x : NAN; }
 struct SummaryAt {
   int64_t page, slot;
 };
-__device__ inline SummaryAt summary_at(const SelectArgs& a, const int32_t* pages, int h,
-                                       int64_t j) {
+// The page-table entry of block j (as stored: not yet checked).
+__device__ inline int32_t page_entry(const SelectArgs& a, const int32_t* pages, int h, int64_t j) {
+  return pages[((j << a.log2_block[h]) >> a.log2_page) * a.page_table_stride_page];
+}
+// Block j's summary given its page-table entry.
+__device__ inline SummaryAt summary_at_page(const SelectArgs& a, int h, int64_t j, int64_t page) {
   const int log2_bs = a.log2_block[h];
   const int64_t token0 = j << log2_bs;
-  int64_t page = pages[(token0 >> a.log2_page) * a.page_table_stride_page];
   if (page < 0 || page >= a.num_pages) page = -1;
   const int64_t slot = a.slot_offset[h] + ((token0 & ((int64_t{1} << a.log2_page) - 1)) >> log2_bs);
   return {page, slot};
+}
+__device__ inline SummaryAt summary_at(const SelectArgs& a, const int32_t* pages, int h,
+                                       int64_t j) {
+  return summary_at_page(a, h, j, page_entry(a, pages, h, j));
 }
 __device__ inline int64_t byte_offset(const SelectArgs& a, SummaryAt at) {
   return at.page < 0 ? -1 : at.page * a.s_stride_page + at.slot * a.s_stride_slot;
@@ -172,7 +192,9 @@ struct CodeConvert<8> {
   }
 };
 
-template <int D, int kBits>
+// kNT: n-tiles of 8 columns held (2 columns per head of the group; ntiles = ceil(2 G / 8) are
+// used): 1 for groups of up to 4 heads (no unused accumulators, no per-tile tests), else 4.
+template <int D, int kBits, int kNT>
 struct MmaScorer {
   static constexpr int kVecBytes = D * kBits / 8;
   static constexpr int kThreadBytes = kVecBytes >= 64 ? 16 : 8;       // one load per thread-chunk
@@ -198,7 +220,7 @@ struct MmaScorer {
   }
 
   struct Smem {
-    uint2 b[2 * kStepsPerVector][kMaxNTiles][32];  // B fragments per (k-step, n-tile, lane)
+    uint2 b[2 * kStepsPerVector][kNT][32];  // B fragments per (k-step, n-tile, lane)
     float x[kCudaMaxGroup][2][D];                  // q+ c, q- c (mean: q c in [0])
     float qz[kCudaMaxGroup];                       // q . zero per head
     float post[kCudaMaxGroup];                     // 2^e undoing the fp16 operand scaling
@@ -210,7 +232,6 @@ struct MmaScorer {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int group = a.group;
     const bool box = a.num_vectors == 2;
-    const int ntiles = (2 * group + 7) / 8;
     const SummaryFormat format = static_cast<SummaryFormat>(a.format);
     const bool a_bf16 = kBits == 4 || (kBits == 16 && format == SummaryFormat::kBf16);
     const int64_t q_at = b * a.q_stride_batch + static_cast<int64_t>(h) * group * a.q_stride_head;
@@ -242,6 +263,7 @@ struct MmaScorer {
 
     // B fragments: column n = 2 head + part (part 0: the high, 1: the low 16-bit part of X).
     const int total_steps = a.num_vectors * kStepsPerVector;
+    const int ntiles = (2 * group + 7) / 8;
     for (int idx = tid; idx < total_steps * ntiles * 32; idx += kThreads) {
       const int ln = idx & 31, nt = (idx >> 5) % ntiles, step = idx / (32 * ntiles);
       const int r = step / kStepsPerVector, sv = step % kStepsPerVector;
@@ -269,11 +291,32 @@ struct MmaScorer {
     __syncthreads();
   }
 
-  // Scores candidate blocks [j0, j0 + nb) of (b, h) (nb <= kSubChunk); writes keys or logits to
-  // the workspace. `first`: the CTA's first sub-chunk, which builds the query side in shared
-  // memory (later ones reuse it).
+  // The page-table entries of this thread's rows in one scoring pass (m-tile t, rows gid and
+  // gid + 8), loaded a pass ahead so that their latency overlaps the previous pass.
+  struct RowPages {
+    int32_t page[kTilesPerWarp][2];
+  };
+  __device__ static void load_pages(const SelectArgs& a, int b, int h, int64_t j0, int nb,
+                                    RowPages& rp) {
+    const int warp = threadIdx.x >> 5, gid = (threadIdx.x & 31) >> 2;
+    const int32_t* pages = a.page_table + b * a.page_table_stride_batch;
+#pragma unroll
+    for (int t = 0; t < kTilesPerWarp; ++t) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int jj = 16 * (kTilesPerWarp * warp + t) + gid + 8 * half;
+        rp.page[t][half] = jj < nb ? page_entry(a, pages, h, j0 + jj) : -1;
+      }
+    }
+  }
+
+  // Scores candidate blocks [j0, j0 + nb) of (b, h) (nb <= kSubChunk; `pages` from load_pages);
+  // writes keys or logits to the workspace, and loads the page-table entries of the next pass
+  // ([j_next, j_next + nb_next), none when nb_next = 0) into `next`. `first`: the CTA's first
+  // pass, which builds the query side in shared memory (later ones reuse it).
   __device__ static void score(const SelectArgs& a, int b, int h, int64_t j0, int nb, bool first,
-                               unsigned char* smem_raw) {
+                               unsigned char* smem_raw, const RowPages& pages, RowPages& next,
+                               int64_t j_next, int nb_next) {
     Smem& s = *reinterpret_cast<Smem*>(smem_raw);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int gid = lane >> 2, tq = lane & 3;
@@ -287,7 +330,6 @@ struct MmaScorer {
 
     // 1. Issue the summary loads first, so that their latency overlaps the query set-up.
     //    This warp's m-tiles t hold blocks j0 + 16 (kTilesPerWarp warp + t) + {gid, gid + 8}.
-    const int32_t* pages = a.page_table + b * a.page_table_stride_batch;
     int64_t row_at[kTilesPerWarp][2];
     float row_scale[kTilesPerWarp][2];
 #pragma unroll
@@ -298,7 +340,7 @@ struct MmaScorer {
         row_at[t][half] = -1;
         row_scale[t][half] = 1.0f;
         if (jj < nb) {
-          const SummaryAt at = summary_at(a, pages, h, j0 + jj);
+          const SummaryAt at = summary_at_page(a, h, j0 + jj, pages.page[t][half]);
           row_at[t][half] = byte_offset(a, at);
           if (at.page >= 0 && a.scales != nullptr) row_scale[t][half] = vector_scale(a, at, 0);
         }
@@ -323,15 +365,16 @@ struct MmaScorer {
     Chunk ring[kDepth][2];
 #pragma unroll
     for (int i = 0; i < kDepth && i < kLoads; ++i) load(i, ring[i]);
+    if (nb_next > 0) load_pages(a, b, h, j_next, nb_next, next);
 
     if (first) prepare(a, b, h, s);
 
     // 2. The products, one k-step (16 channels) at a time.
-    float acc[kTilesPerWarp][kMaxNTiles][4];
+    float acc[kTilesPerWarp][kNT][4];
 #pragma unroll
     for (int t = 0; t < kTilesPerWarp; ++t) {
 #pragma unroll
-      for (int nt = 0; nt < kMaxNTiles; ++nt) {
+      for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[t][nt][e] = 0.0f;
       }
@@ -369,8 +412,8 @@ struct MmaScorer {
         }
         const int step = r * kStepsPerVector + c * kStepsPerChunk + j;
 #pragma unroll
-        for (int nt = 0; nt < kMaxNTiles; ++nt) {
-          if (nt < ntiles) {
+        for (int nt = 0; nt < kNT; ++nt) {
+          if (kNT == 1 || nt < ntiles) {
             const uint2 bf = s.b[step][nt][lane];
             if (a_bf16) {
               mma_bf16(acc[t][nt], afrag, bf.x, bf.y);
@@ -392,9 +435,9 @@ struct MmaScorer {
         const bool row_ok = row_at[t][half] >= 0;
         float best = -INFINITY;
 #pragma unroll
-        for (int nt = 0; nt < kMaxNTiles; ++nt) {
+        for (int nt = 0; nt < kNT; ++nt) {
           const int head = 4 * nt + tq;
-          if (nt < ntiles && head < group) {
+          if ((kNT == 1 || nt < ntiles) && head < group) {
             const float dot = acc[t][nt][2 * half] + acc[t][nt][2 * half + 1];
             const float logit =
                 row_ok ? finite_or_nan((dot * s.post[head] * row_scale[t][half] + s.qz[head]) *
@@ -484,8 +527,13 @@ struct GenericScorer {
     alignas(16) uint8_t raw[kGenericStageBytes];
   };
 
+  // Same interface as MmaScorer's; the page-table entries are read in score() itself.
+  struct RowPages {};
+  __device__ static void load_pages(const SelectArgs&, int, int, int64_t, int, RowPages&) {}
+
   __device__ static void score(const SelectArgs& a, int b, int h, int64_t j0, int nb, bool first,
-                               unsigned char* smem_raw) {
+                               unsigned char* smem_raw, const RowPages&, RowPages&, int64_t,
+                               int) {
     Smem& s = *reinterpret_cast<Smem*>(smem_raw);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int group = a.group;
@@ -617,10 +665,103 @@ __device__ float block_reduce(float v, SelectSmem& s) {
 struct KeySource {
   const uint32_t* global;  // keys of candidates 0, 1, ... (block sink + c)
   const uint32_t* shared;  // or null
+  int64_t stride;          // 1, or the sampling stride (candidate stride c)
   __device__ uint32_t operator()(int64_t c) const {
-    return shared ? shared[c] : __ldcg(global + c);
+    return shared ? shared[c * stride] : __ldcg(global + c * stride);
   }
 };
+
+// The k-th largest of n keys as a radix threshold: the keys whose masked value is above `prefix`
+// and the first `want` (by index) of those equal to it are the k largest.
+struct Threshold {
+  uint32_t prefix, mask;
+  int64_t want;
+};
+
+// Radix select of the threshold of the k largest (1 <= k <= n) among the keys >= floor of
+// key_of(0 .. n-1), all in [lo, hi] (lo >= floor), over the bits below the prefix that lo and hi
+// share (the sign and most exponent bits, typically: digits taken from the top would put nearly
+// all keys in a few bins), 11 bits per pass from the top. Stops as soon as the threshold digit
+// holds exactly the keys still wanted. Keys below `floor` are skipped (when at least k keys are
+// >= floor, the k largest are among them): a floor near the k-th largest key (lo raised to it)
+// shortens the digits and keeps most keys out of the histograms.
+__device__ Threshold radix_threshold(const KeySource& key_of, int64_t n, int64_t k, uint32_t lo,
+                                     uint32_t hi, uint32_t floor, SelectSmem& s) {
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  int low_bit = lo == hi ? 0 : 32 - __clz(lo ^ hi);  // bits [0, low_bit) differ among the keys
+  Threshold th;
+  th.mask = low_bit == 32 ? 0u : ~((1u << low_bit) - 1u);
+  th.prefix = lo & th.mask;
+  th.want = k;
+  while (low_bit > 0) {
+    const int width = low_bit < kDigitBits ? low_bit : kDigitBits;
+    const int shift = low_bit - width;
+    const uint32_t dmask = (1u << width) - 1u;
+    const int bins = 1 << width;
+    for (int i = tid; i < bins; i += kThreads) s.hist[i] = 0;
+    __syncthreads();
+    // kBatch keys per lane are loaded before any is counted (their latencies overlap). Below the
+    // shared prefix the digits spread over the bins, so plain shared-memory atomics rarely
+    // collide (warp aggregation with __match_any_sync costs more than it saves there).
+    for (int64_t base = warp * 32; base < n; base += kThreads * kBatch) {
+      uint32_t key[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int64_t c = base + u * kThreads + lane;
+        key[u] = c < n ? key_of(c) : 0;
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        if (base + u * kThreads + lane < n && key[u] >= floor &&
+            (key[u] & th.mask) == th.prefix) {
+          atomicAdd(&s.hist[(key[u] >> shift) & dmask], 1u);
+        }
+      }
+    }
+    __syncthreads();
+    // Descending scan: thread t owns the `per` digits dmask - per t, ..., dmask - per t - per + 1.
+    const int per = bins >= kThreads ? bins / kThreads : 1;  // 1 to 8
+    uint32_t cnt[8];
+    uint32_t mine = 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      cnt[i] = i < per && per * tid + i < bins ? s.hist[dmask - per * tid - i] : 0;
+      mine += cnt[i];
+    }
+    uint32_t incl = mine;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const uint32_t y = __shfl_up_sync(kFullMask, incl, o);
+      if (lane >= o) incl += y;
+    }
+    if (lane == 31) s.warp_a[warp] = static_cast<int32_t>(incl);
+    __syncthreads();
+    uint32_t before = 0;
+    for (int w = 0; w < warp; ++w) before += static_cast<uint32_t>(s.warp_a[w]);
+    uint32_t run = before + incl - mine;
+    if (static_cast<int64_t>(run) < th.want && th.want <= static_cast<int64_t>(run + mine)) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        if (i < per && static_cast<int64_t>(run + cnt[i]) >= th.want) {
+          s.digit = static_cast<uint32_t>(dmask - per * tid - i);
+          s.above = run;
+          s.equal = cnt[i];
+          break;
+        }
+        run += cnt[i];
+      }
+    }
+    __syncthreads();
+    th.prefix |= s.digit << shift;
+    th.mask |= dmask << shift;
+    th.want -= s.above;
+    low_bit = shift;
+    const bool exact = static_cast<int64_t>(s.equal) == th.want;  // every key with the prefix wins
+    __syncthreads();
+    if (exact) break;
+  }
+  return th;
+}
 
 __device__ void write_list(const SelectArgs& a, int b, int h, const DevicePlan& plan,
                            bool take_all) {
@@ -716,22 +857,29 @@ __device__ void select_top_k(const SelectArgs& a, int b, int h, const DevicePlan
         key_row[c] = key;
       }
     }
-  } else if (cached) {
-    // Unrolled so that each thread has 16 loads from L2 in flight (a rolled loop waits for each).
-#pragma unroll 16
-    for (int64_t c = tid; c < nc; c += kThreads) {
-      const uint32_t key = __ldcg(key_row + c);
-      s.keys[c] = key;
-      lo = min(lo, key);
-      hi = max(hi, key);
-    }
   } else {
-#pragma unroll 16
-    for (int64_t c = tid; c < nc; c += kThreads) {
-      const uint32_t key = __ldcg(key_row + c);
+    // 16-byte loads where the row's alignment permits (a scalar head and tail), unrolled so that
+    // each thread has 8 of them in flight (16 K keys: two round trips to L2).
+    auto take = [&](int64_t c, uint32_t key) {
+      if (cached) s.keys[c] = key;
       lo = min(lo, key);
       hi = max(hi, key);
+    };
+    const int64_t head =
+        min64(nc, (4 - static_cast<int64_t>((reinterpret_cast<uintptr_t>(key_row) >> 2) & 3)) & 3);
+    const int64_t vectors = (nc - head) / 4;
+    for (int64_t c = tid; c < head; c += kThreads) take(c, __ldcg(key_row + c));
+    const uint4* row4 = reinterpret_cast<const uint4*>(key_row + head);
+#pragma unroll 8
+    for (int64_t v = tid; v < vectors; v += kThreads) {
+      const uint4 q = __ldcg(row4 + v);
+      const int64_t c = head + 4 * v;
+      take(c, q.x);
+      take(c + 1, q.y);
+      take(c + 2, q.z);
+      take(c + 3, q.w);
     }
+    for (int64_t c = head + 4 * vectors + tid; c < nc; c += kThreads) take(c, __ldcg(key_row + c));
   }
   lo = __reduce_min_sync(kFullMask, lo);
   hi = __reduce_max_sync(kFullMask, hi);
@@ -745,83 +893,32 @@ __device__ void select_top_k(const SelectArgs& a, int b, int h, const DevicePlan
     hi = max(hi, static_cast<uint32_t>(s.warp_b[w]));
   }
   __syncthreads();  // s.warp_a / warp_b are reused below
-  const KeySource key_of{key_row, cached ? s.keys : nullptr};
+  const KeySource key_of{key_row, cached ? s.keys : nullptr, 1};
 
-  // Radix select of the threshold prefix of the k-th largest key over the bits below the prefix
-  // that every key shares (the sign and most exponent bits, typically: digits taken from the top
-  // would put nearly all keys in a few bins), 11 bits per pass from the top; `want` = how many
-  // keys equal to the prefix (lowest indices first) complete the k. Stops as soon as the
-  // threshold digit holds exactly the keys still wanted.
-  int low_bit = lo == hi ? 0 : 32 - __clz(lo ^ hi);  // bits [0, low_bit) differ among the keys
-  uint32_t mask = low_bit == 32 ? 0u : ~((1u << low_bit) - 1u);
-  uint32_t prefix = lo & mask;
-  int64_t want = k;
-  while (low_bit > 0) {
-    const int width = low_bit < kDigitBits ? low_bit : kDigitBits;
-    const int shift = low_bit - width;
-    const uint32_t dmask = (1u << width) - 1u;
-    const int bins = 1 << width;
-    for (int i = tid; i < bins; i += kThreads) s.hist[i] = 0;
-    __syncthreads();
-    // kBatch keys per lane are loaded before any is counted (their latencies overlap). Below the
-    // shared prefix the digits spread over the bins, so plain shared-memory atomics rarely
-    // collide (warp aggregation with __match_any_sync costs more than it saves there).
-    for (int base = warp * 32; base < nc; base += kThreads * kBatch) {
-      uint32_t key[kBatch];
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        const int c = base + u * kThreads + lane;
-        key[u] = c < nc ? key_of(c) : 0;
-      }
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        if (base + u * kThreads + lane < nc && (key[u] & mask) == prefix) {
-          atomicAdd(&s.hist[(key[u] >> shift) & dmask], 1u);
-        }
-      }
+  // A floor for the radix select from a sample: the threshold of the ks largest of every
+  // kSampleStride-th key, ks = k / kSampleStride with a margin of ~3 standard deviations, is
+  // below the k-th largest key unless the sample is very unlike the whole; when fewer than k keys
+  // reach it (or the sample is too small), the select runs without a floor. Either way the result
+  // is exact: the floor only skips keys that cannot be among the k largest.
+  uint32_t floor = 0;
+  const int64_t sampled = nc / kSampleStride;
+  const float expected = static_cast<float>(k) / kSampleStride;
+  const int64_t ks = static_cast<int64_t>(expected + 3.0f * sqrtf(expected)) + 8;
+  if (nc >= kSampleMin && 2 * ks <= sampled) {
+    const KeySource sample{key_row, cached ? s.keys : nullptr, kSampleStride};
+    const Threshold st = radix_threshold(sample, sampled, ks, lo, hi, 0, s);
+    int reached = 0;
+    for (int64_t c = tid; c < nc; c += kThreads) reached += key_of(c) >= st.prefix ? 1 : 0;
+    int total = 0;
+    block_exclusive_scan(reached, s.warp_b, &total);
+    if (total >= k) {
+      floor = st.prefix;
+      lo = max(lo, floor);
     }
-    __syncthreads();
-    // Descending scan: thread t owns the `per` digits dmask - per t, ..., dmask - per t - per + 1.
-    const int per = bins >= kThreads ? bins / kThreads : 1;  // 1 to 8
-    uint32_t cnt[8];
-    uint32_t mine = 0;
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      cnt[i] = i < per && per * tid + i < bins ? s.hist[dmask - per * tid - i] : 0;
-      mine += cnt[i];
-    }
-    uint32_t incl = mine;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const uint32_t y = __shfl_up_sync(kFullMask, incl, o);
-      if (lane >= o) incl += y;
-    }
-    if (lane == 31) s.warp_a[warp] = static_cast<int32_t>(incl);
-    __syncthreads();
-    uint32_t before = 0;
-    for (int w = 0; w < warp; ++w) before += static_cast<uint32_t>(s.warp_a[w]);
-    uint32_t run = before + incl - mine;
-    if (static_cast<int64_t>(run) < want && want <= static_cast<int64_t>(run + mine)) {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        if (i < per && static_cast<int64_t>(run + cnt[i]) >= want) {
-          s.digit = static_cast<uint32_t>(dmask - per * tid - i);
-          s.above = run;
-          s.equal = cnt[i];
-          break;
-        }
-        run += cnt[i];
-      }
-    }
-    __syncthreads();
-    prefix |= s.digit << shift;
-    mask |= dmask << shift;
-    want -= s.above;
-    low_bit = shift;
-    const bool exact = static_cast<int64_t>(s.equal) == want;  // every key with the prefix wins
-    __syncthreads();
-    if (exact) break;
   }
+  const Threshold th = radix_threshold(key_of, nc, k, lo, hi, floor, s);
+  const uint32_t mask = th.mask, prefix = th.prefix;
+  const int64_t want = th.want;
 
   // Ordered compaction, kCompactWords x 32 candidates at a time: bit c of greater_bits /
   // equal_bits = candidate c's masked key is above / equal to the prefix (one ballot per 32
@@ -839,12 +936,14 @@ __device__ void select_top_k(const SelectArgs& a, int b, int h, const DevicePlan
       for (int u = 0; u < kBatch; ++u) {
         const int64_t c = seg + 32 * static_cast<int64_t>(w0 + u * kWarps) + lane;
         in[u] = w0 + u * kWarps < words && c < nc;
-        key[u] = in[u] ? key_of(c) & mask : 0;
+        key[u] = in[u] ? key_of(c) : 0;
       }
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
-        const uint32_t gt = __ballot_sync(kFullMask, in[u] && key[u] > prefix);
-        const uint32_t eq = __ballot_sync(kFullMask, in[u] && key[u] == prefix);
+        // Keys below the floor never count as equal (the radix select skipped them).
+        const uint32_t masked = key[u] & mask;
+        const uint32_t gt = __ballot_sync(kFullMask, in[u] && masked > prefix);
+        const uint32_t eq = __ballot_sync(kFullMask, in[u] && masked == prefix && key[u] >= floor);
         if (lane == 0 && w0 + u * kWarps < words) {
           s.greater_bits[w0 + u * kWarps] = gt;
           s.equal_bits[w0 + u * kWarps] = eq;
@@ -903,16 +1002,21 @@ template <class Scorer>
 __global__ void __launch_bounds__(kThreads, 2) select_kernel(const __grid_constant__ SelectArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ int is_last;
-  const int b = blockIdx.y;
-  // Head of this CTA: chunk_begin[h] <= x < chunk_begin[h + 1].
-  const int x = blockIdx.x;
+  // Which (head, sequence, chunk): heads in order of head_order (most candidate blocks first, so
+  // the longest selections start early and the grid ends with short ones); for each head, its
+  // chunks of sequence 0, then of sequence 1, ... (a (sequence, head)'s CTAs run together).
+  const int64_t x = blockIdx.x;
+  const int64_t batch = gridDim.x / a.num_chunk_ctas;
   int lo = 0, hi = a.num_kv_heads;
   while (hi - lo > 1) {
     const int mid = (lo + hi) / 2;
-    if (a.chunk_begin[mid] <= x) lo = mid; else hi = mid;
+    if (batch * a.chunk_begin[mid] <= x) lo = mid; else hi = mid;
   }
-  const int h = lo;
-  const int chunk = x - a.chunk_begin[h];
+  const int h = a.head_order[lo];
+  const int64_t per_sequence = a.chunk_begin[lo + 1] - a.chunk_begin[lo];
+  const int64_t r = x - batch * a.chunk_begin[lo];
+  const int b = static_cast<int>(r / per_sequence);
+  const int chunk = static_cast<int>(r % per_sequence);
   const DevicePlan plan = plan_for(a, b, h);
   const int64_t nc = plan.num_candidates, k = plan.num_selected;
   if (k == 0 || k == nc) {
@@ -923,8 +1027,15 @@ __global__ void __launch_bounds__(kThreads, 2) select_kernel(const __grid_consta
   if (chunk >= chunks) return;
   const int64_t j0 = plan.sink_blocks + static_cast<int64_t>(chunk) * a.chunk_blocks;
   const int64_t j1 = min64(j0 + a.chunk_blocks, plan.local_begin);
+  typename Scorer::RowPages pages;
+  Scorer::load_pages(a, b, h, j0, static_cast<int>(min64(kSubChunk, j1 - j0)), pages);
   for (int64_t j = j0; j < j1; j += kSubChunk) {
-    Scorer::score(a, b, h, j, static_cast<int>(min64(kSubChunk, j1 - j)), j == j0, smem);
+    const int64_t j_next = j + kSubChunk;
+    const int nb_next = j_next < j1 ? static_cast<int>(min64(kSubChunk, j1 - j_next)) : 0;
+    typename Scorer::RowPages next;
+    Scorer::score(a, b, h, j, static_cast<int>(min64(kSubChunk, j1 - j)), j == j0, smem, pages,
+                  next, j_next, nb_next);
+    pages = next;
   }
 
   // Arrival: the last CTA of (b, h) selects. Its reads of the other CTAs' keys follow their
@@ -955,9 +1066,21 @@ void launch_select(const SelectArgs& a, int batch, cudaStream_t stream) {
                                              static_cast<int>(smem)));
     if (device < 64) configured[device] = true;
   }
-  const dim3 grid(static_cast<unsigned>(a.num_chunk_ctas), static_cast<unsigned>(batch));
+  const dim3 grid(static_cast<unsigned>(static_cast<int64_t>(a.num_chunk_ctas) * batch));
   select_kernel<Scorer><<<grid, kThreads, smem, stream>>>(a);
   ABSPARSE_CUDA_CHECK(cudaGetLastError());
+}
+
+// Calls f(std::integral_constant<int, bits>) for the code width of the tensor-core scorer.
+template <class F>
+void dispatch_code_bits(int bits, F&& f) {
+  if (bits == 4) {
+    f(std::integral_constant<int, 4>{});
+  } else if (bits == 8) {
+    f(std::integral_constant<int, 8>{});
+  } else {
+    f(std::integral_constant<int, 16>{});
+  }
 }
 
 int64_t capacity_blocks(const SelectBlocksParams& p) {
@@ -1068,15 +1191,23 @@ void run_select_blocks(const SelectBlocksParams& p, void* workspace) {
   a.chunk_blocks = static_cast<int>(
       clamp64(ceil_div(ceil_div(all_blocks, 4 * multiprocessor_count()), kSubChunk) * kSubChunk,
               kSubChunk, 8 * kSubChunk));
-  int64_t ctas = 0;
+  // Launch order: smallest block size (most candidates, the longest selection) first.
+  int order[kCudaMaxKvHeads];
   for (int h = 0; h < g.num_kv_heads; ++h) {
     a.log2_block[h] = static_cast<uint8_t>(log2_exact(layout.block_size(h)));
     a.slot_offset[h] = layout.slot_offset(h);
-    a.chunk_begin[h] = static_cast<int32_t>(ctas);
-    ctas += max64(1, ceil_div(capacity / layout.block_size(h), a.chunk_blocks));
-    ABSPARSE_CHECK_ARG(ctas <= INT32_MAX, fn, "page_table: too many blocks per sequence for one ",
-                       "launch (", capacity, " tokens)");
+    order[h] = h;
   }
+  std::stable_sort(order, order + g.num_kv_heads,
+                   [&](int x, int y) { return layout.block_size(x) < layout.block_size(y); });
+  int64_t ctas = 0;
+  for (int i = 0; i < g.num_kv_heads; ++i) {
+    a.head_order[i] = static_cast<uint8_t>(order[i]);
+    a.chunk_begin[i] = static_cast<int32_t>(ctas);
+    ctas += max64(1, ceil_div(capacity / layout.block_size(order[i]), a.chunk_blocks));
+  }
+  ABSPARSE_CHECK_ARG(ctas * g.batch <= INT32_MAX, fn, "page_table: too many blocks for one ",
+                     "launch (", g.batch, " sequences of ", capacity, " tokens)");
   a.chunk_begin[g.num_kv_heads] = static_cast<int32_t>(ctas);
   a.num_chunk_ctas = static_cast<int>(ctas);
 
@@ -1087,12 +1218,14 @@ void run_select_blocks(const SelectBlocksParams& p, void* workspace) {
   ABSPARSE_DISPATCH_HEAD_DIM(fn, g.head_dim, kDim, [&] {
     if (!mma) {
       launch_select<GenericScorer<kDim>>(a, g.batch, stream);
-    } else if (format_is_4bit(format)) {
-      launch_select<MmaScorer<kDim, 4>>(a, g.batch, stream);
-    } else if (esize == 1) {
-      launch_select<MmaScorer<kDim, 8>>(a, g.batch, stream);
     } else {
-      launch_select<MmaScorer<kDim, 16>>(a, g.batch, stream);
+      dispatch_code_bits(format_is_4bit(format) ? 4 : esize == 1 ? 8 : 16, [&](auto bits) {
+        if (group <= 4) {
+          launch_select<MmaScorer<kDim, bits.value, 1>>(a, g.batch, stream);
+        } else {
+          launch_select<MmaScorer<kDim, bits.value, 2 * kCudaMaxGroup / 8>>(a, g.batch, stream);
+        }
+      });
     }
   });
 }
