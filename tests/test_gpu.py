@@ -379,8 +379,8 @@ def test_large_selection_with_sampled_floor(ab, period):
     """More candidates than the GPU top-k keeps in shared memory (16384) and a 2048-token budget:
     the top-k first takes a floor from every 16th key and skips the keys below it. Random keys
     (the lists match the CPU's within the tie rule), and keys repeating every `period` tokens, so
-    that blocks tie exactly in groups of 16 to 1250 and the k-th largest score is shared by
-    blocks on both sides of the floor (the lists equal the CPU's: lowest indices first)."""
+    that blocks tie exactly in groups of 16 to 1250: the k-th largest score is shared by more
+    blocks than are taken (the lists equal the CPU's: lowest indices first)."""
     case = _long_case(torch.bfloat16, 128, 4, block_sizes=(4, 16), page_size=64,
                       seq_lens=(80000, 70000), summary="minmax", format="int4c", budget=2048,
                       sink=16, local=64, extra_pages=1, extra_cols=1)
