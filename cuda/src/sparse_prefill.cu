@@ -1,5 +1,7 @@
 // sparse_prefill on the GPU (absparse/prefill_cuda.h, docs/prefill.md): block-sparse causal
-// attention over a packed variable-length batch, one launch.
+// attention over a packed variable-length batch, one launch. sparse_prefill_cuda dispatches to
+// the Hopper kernel of sparse_prefill_sm90.cu (PrefillKernel::kSm90) when it is built and runs
+// the arguments; this file's kernel (kFa2) runs everything else.
 //
 // prefill_kernel<T, D>: grid (Nq * q_block / 64, Hq, B), 128 threads (4 warps). CTA (x, h, b)
 // attends the 64 query positions [64 x, 64 x + 64) of sequence b (query block 64 x / q_block,
@@ -21,6 +23,9 @@
 #include "absparse/prefill_cuda.h"
 #include "common.cuh"
 #include "mma.cuh"
+#ifdef ABSPARSE_WITH_SM90_PREFILL
+#include "sparse_prefill_sm90.h"
+#endif
 
 namespace absparse::cuda {
 namespace {
@@ -317,9 +322,16 @@ void launch_prefill(const PrefillArgs& a, const SparsePrefillParams& p, cudaStre
 
 namespace absparse {
 
-void sparse_prefill_cuda(const SparsePrefillParams& p) {
-  check_sparse_prefill_cuda(p);
+void sparse_prefill_cuda(const SparsePrefillParams& p, PrefillKernel kernel) {
+  check_sparse_prefill_cuda(p, kernel);
   if (p.batch == 0 || p.total_tokens == 0 || p.num_q_blocks == 0) return;
+  if (kernel == PrefillKernel::kAuto) kernel = select_sparse_prefill_kernel(p);
+#ifdef ABSPARSE_WITH_SM90_PREFILL
+  if (kernel == PrefillKernel::kSm90) {
+    cuda::launch_sparse_prefill_sm90(p);
+    return;
+  }
+#endif
   cuda::PrefillArgs a{};
   a.cu_seqlens = p.cu_seqlens;
   a.cu_stride = p.cu_seqlens_stride;

@@ -33,7 +33,7 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
                    block_indices: torch.Tensor, block_counts: torch.Tensor, q_block: int = 128,
                    k_block: int = 128, key_positions: Optional[torch.Tensor] = None,
                    scale: Optional[float] = None, out: Optional[torch.Tensor] = None,
-                   return_lse: bool = False):
+                   return_lse: bool = False, kernel: str = "auto"):
     """Causal attention of every prompt token over the key blocks listed for its query block.
 
     Sequence b of the packed batch owns rows ``[cu_seqlens[b], cu_seqlens[b + 1])`` of q, k, v
@@ -65,6 +65,11 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
     out : optional [T, Hq, D] output in q's dtype (written and returned)
     return_lse : also return lse float32 [T, Hq], ``ln sum exp(scale * q . k)`` over the
         attended keys (-inf for a row that attends nothing)
+    kernel : which CUDA kernel runs (a hook for tests and benchmarks; CPU tensors take only
+        ``"auto"``): ``"auto"`` (default) the Hopper warpgroup-MMA/TMA kernel when this build has it
+        (``absparse._C.has_sm90_prefill``) and it runs the arguments (q_block 128, k_block 128 or
+        256, strides its TMA descriptors accept), else the mma.sync kernel; ``"fa2"`` the mma.sync
+        kernel; ``"sm90"`` the Hopper kernel, ``ValueError`` naming the argument it cannot run
 
     Non-contiguous tensors are accepted, except that q, k, v and out need a contiguous last
     dimension. The CPU reference accumulates in float64 and rounds once to the output dtype.
@@ -112,10 +117,12 @@ def sparse_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
     q_block = _positive_int(q_block, fn, "q_block")
     k_block = _positive_int(k_block, fn, "k_block")
     scale = _default_scale(q, scale, fn)
+    if not isinstance(kernel, str):
+        raise ValueError(f"{fn}: kernel: expected 'auto', 'fa2' or 'sm90', got {kernel!r}")
     out, lse = _attention_out(q, out, return_lse)  # [T, Hq, D] and [T, Hq], as for decode
     stream = _cuda_stream(q) if _is_cuda(q) else 0
     _C.sparse_prefill(q, k, v, cu_seqlens, block_indices, block_counts, q_block, k_block,
-                      key_positions, scale, out, lse, stream)
+                      key_positions, scale, out, lse, stream, kernel)
     return (out, lse) if return_lse else out
 
 

@@ -2,13 +2,15 @@
 // wrapper (absparse/prefill.py) owns defaults (scale, q_block, k_block), output allocation and the
 // docstring.
 //
-// Checks run in a fixed order (ndim, sizes, device, dtype, layout), then sparse_prefill_cpu
-// validates the values (cu_seqlens, block lists and counts, key positions) before it writes. CUDA
-// tensors (builds with ABSPARSE_WITH_CUDA) run sparse_prefill_cuda on the given stream after its
-// host-side checks (absparse/prefill_cuda.h: device values are not validated there).
+// Checks run in a fixed order (ndim, sizes, device, kernel, dtype, layout), then
+// sparse_prefill_cpu validates the values (cu_seqlens, block lists and counts, key positions)
+// before it writes. CUDA tensors (builds with ABSPARSE_WITH_CUDA) run sparse_prefill_cuda on the
+// given stream after its host-side checks (absparse/prefill_cuda.h: device values are not
+// validated there), with the kernel named by `kernel` ("auto", "fa2", "sm90": PrefillKernel).
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <string>
 
 #include "absparse/error.h"
 #include "absparse/prefill.h"
@@ -40,10 +42,26 @@ int32_t int32_size(int64_t value, const char* name, const char* what) {
   return static_cast<int32_t>(value);
 }
 
+// The `kernel` argument, for CUDA tensors only (CPU tensors take "auto": the reference).
+// Returns its index in {"auto", "fa2", "sm90"}: the order of absparse::PrefillKernel.
+int kernel_index(const std::string& kernel, bool cuda) {
+  const char* names[] = {"auto", "fa2", "sm90"};
+  int index = -1;
+  for (int i = 0; i < 3; ++i) {
+    if (kernel == names[i]) index = i;
+  }
+  ABSPARSE_CHECK_ARG(index >= 0, kFn, "kernel: expected 'auto', 'fa2' or 'sm90', got '", kernel,
+                     "'");
+  ABSPARSE_CHECK_ARG(cuda || index == 0, kFn, "kernel: '", kernel, "' names a CUDA kernel, but q ",
+                     "is on the CPU (CPU tensors run the float64 reference: kernel 'auto')");
+  return index;
+}
+
 void sparse_prefill(py::handle q_obj, py::handle k_obj, py::handle v_obj, py::handle cu_obj,
                     py::handle indices_obj, py::handle counts_obj, int64_t q_block,
                     int64_t k_block, py::handle key_positions_obj, double scale,
-                    py::handle out_obj, py::handle lse_obj, uintptr_t stream) {
+                    py::handle out_obj, py::handle lse_obj, uintptr_t stream,
+                    const std::string& kernel) {
   TensorView q = tensor_arg(q_obj, kFn, "q");
   TensorView k = tensor_arg(k_obj, kFn, "k");
   TensorView v = tensor_arg(v_obj, kFn, "v");
@@ -101,6 +119,7 @@ void sparse_prefill(py::handle q_obj, py::handle k_obj, py::handle v_obj, py::ha
   expect_same_device(out, q, kFn, "out", "q");
   if (permuted) expect_same_device(key_positions, q, kFn, "key_positions", "q");
   if (with_lse) expect_same_device(lse, q, kFn, "lse", "q");
+  const int kernel_choice = kernel_index(kernel, cuda);
 
   // dtype
   expect_float_dtype(q, kFn, "q");
@@ -172,14 +191,18 @@ void sparse_prefill(py::handle q_obj, py::handle k_obj, py::handle v_obj, py::ha
   }
   if (cuda) {
 #ifdef ABSPARSE_WITH_CUDA
-    check_sparse_prefill_cuda(p);
+    static_assert(static_cast<int>(PrefillKernel::kFa2) == 1 &&
+                  static_cast<int>(PrefillKernel::kSm90) == 2, "kernel_index's order");
+    const PrefillKernel choice = static_cast<PrefillKernel>(kernel_choice);
+    check_sparse_prefill_cuda(p, choice);
     CudaDeviceGuard guard(q.device_index);
     p.stream = reinterpret_cast<void*>(stream);
-    sparse_prefill_cuda(p);
+    sparse_prefill_cuda(p, choice);
 #endif
     return;
   }
   (void)stream;
+  (void)kernel_choice;
   sparse_prefill_cpu(p);
 }
 
@@ -189,7 +212,7 @@ void register_prefill(py::module_& m) {
   m.def("sparse_prefill", &sparse_prefill, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("cu_seqlens"), py::arg("block_indices"), py::arg("block_counts"),
         py::arg("q_block"), py::arg("k_block"), py::arg("key_positions"), py::arg("scale"),
-        py::arg("out"), py::arg("lse"), py::arg("stream") = 0);
+        py::arg("out"), py::arg("lse"), py::arg("stream") = 0, py::arg("kernel") = "auto");
 }
 
 }  // namespace absparse::py_binding

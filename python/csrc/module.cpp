@@ -1,6 +1,10 @@
 // absparse._C: the module only lists registrations; each op family binds itself in its own file.
 #include <pybind11/pybind11.h>
 
+#ifdef ABSPARSE_WITH_CUDA
+#include "absparse/prefill_cuda.h"
+#endif
+
 namespace absparse::py_binding {
 void register_layout(pybind11::module_& m);
 void register_quantize(pybind11::module_& m);
@@ -15,8 +19,11 @@ PYBIND11_MODULE(_C, m) {
   m.attr("__version__") = ABSPARSE_VERSION_STRING;
 #ifdef ABSPARSE_WITH_CUDA
   m.attr("has_cuda") = true;  // the decode ops also run on CUDA tensors
+  // sparse_prefill's Hopper kernel (kernel="sm90") is in this build (CUTLASS headers found).
+  m.attr("has_sm90_prefill") = absparse::sparse_prefill_sm90_built();
 #else
   m.attr("has_cuda") = false;
+  m.attr("has_sm90_prefill") = false;
 #endif
   absparse::py_binding::register_layout(m);
   absparse::py_binding::register_quantize(m);
