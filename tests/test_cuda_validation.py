@@ -175,6 +175,34 @@ def test_valid_calls_reach_the_device():
             _call_binding(ab, op, a, max_blocks=64)
 
 
+def test_prefill_kernel_choice_is_checked_before_any_device_work():
+    """sparse_prefill's `kernel`: what the chosen kernel cannot run raises ValueError (naming the
+    argument) before any CUDA call; what it can run reaches the device."""
+    from test_sparse_prefill import _base as prefill_base
+    import absparse as ab
+    _host_only_build(ab)
+    a = prefill_base()  # blocks of 64, D 64, float16, lists per KV head
+
+    def call(kernel, q_block=64, k_block=64, lists=None):
+        idx, cnt = lists or (a["block_indices"], a["block_counts"])
+        t = [_claim(a[n]) for n in ("q", "k", "v", "cu_seqlens")] + [_claim(idx), _claim(cnt)]
+        out = _claim(torch.empty_like(a["q"]))
+        return ab._C.sparse_prefill(*t, q_block, k_block, None, 0.125, out, None, 0, kernel)
+
+    for kernel in ("auto", "fa2"):
+        with pytest.raises(RuntimeError, match="CUDA"):
+            call(kernel)
+    lists128 = ab.dense_causal_block_lists(a["cu_seqlens"], 128, 128, 2)
+    if ab._C.has_sm90_prefill:
+        with pytest.raises(ValueError, match=r"q_block: 64 is not supported by the sm90 kernel"):
+            call("sm90")
+        with pytest.raises(RuntimeError, match="CUDA"):
+            call("sm90", 128, 128, lists128)
+    else:
+        with pytest.raises(ValueError, match=r"kernel: the sm90 kernel is not in this build"):
+            call("sm90", 128, 128, lists128)
+
+
 def test_select_names_q_for_a_head_dim_that_does_not_match_the_summaries():
     """A query of the wrong head dim is q's error, not the summaries' (issue 10, item 5)."""
     ab, a = _base()

@@ -487,6 +487,21 @@ def test_out_argument_checks(ab):
             ab._C.sparse_prefill(*args, 64, 64, None, 0.125, out, lse)
 
 
+def test_kernel_argument(ab):
+    """`kernel` picks a CUDA kernel: any other name is an error, and so is a CUDA kernel's name
+    for CPU tensors (they run the reference)."""
+    a = _base()
+    with pytest.raises(ValueError, match=r"kernel: expected 'auto', 'fa2' or 'sm90', got 'fa3'"):
+        ab.sparse_prefill(**a, kernel="fa3")
+    with pytest.raises(ValueError, match=r"kernel: expected 'auto', 'fa2' or 'sm90', got 3"):
+        ab.sparse_prefill(**a, kernel=3)
+    for name in ("fa2", "sm90"):
+        with pytest.raises(ValueError, match=rf"kernel: '{name}' names a CUDA kernel, but q is on "
+                                             r"the CPU"):
+            ab.sparse_prefill(**a, kernel=name)
+    assert torch.equal(ab.sparse_prefill(**a, kernel="auto"), ab.sparse_prefill(**a))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="device errors need a CUDA device")
 def test_devices(ab):
     a = _base()

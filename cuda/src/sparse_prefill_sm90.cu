@@ -314,11 +314,11 @@ __device__ void produce(const Sm90Args<T, D>& a, typename Sm90Config<T, D>::Smem
       const int32_t j = __shfl_sync(kFullMask, mine, e);
       if (j < 0 || j >= num_kblocks) continue;
       for (int t = 0; t < tiles_per_block; ++t) {
-        const int32_t r0 = j * a.k_block + t * kBlockN;
+        const int64_t r0 = static_cast<int64_t>(j) * a.k_block + t * kBlockN;
         if (r0 >= c.len || (kp == nullptr && r0 > q_last)) break;  // later tiles are too
-        load_k(n, r0);
+        load_k(n, static_cast<int32_t>(r0));
         if (n > 0) load_v(n - 1, prev_r0);
-        prev_r0 = r0;
+        prev_r0 = static_cast<int32_t>(r0);
         ++n;
       }
     }
