@@ -7,9 +7,11 @@ block and a random share of the others). SDPA = the faster of the flash and cuDN
 causal, on the same tensors in [1, H, L, D] form. Each time is the median of CUDA-event timings
 of single launches (compute-bound: no L2 flush needed). TFLOP/s counts the attended (query, key)
 pairs: 4 D per pair and query head (QK and PV). The dense bf16 rate of the device is measured
-beside it (an 8192^3 matmul).
+beside it (an 8192^3 matmul). --kernels times several CUDA kernels of the op side by side
+(`kernel` argument of sparse_prefill: auto, fa2 = mma.sync, sm90 = warpgroup MMA + TMA), one row
+per kernel on the same lists.
 
-  python bench/prefill_bench.py [--quick] [--json out.json]
+  python bench/prefill_bench.py [--quick] [--kernels fa2,sm90] [--json out.json]
 """
 import argparse
 import json
@@ -82,7 +84,7 @@ def attended_pairs(idx: torch.Tensor, cnt: torch.Tensor, length: int) -> int:
     return int(pairs.sum())
 
 
-def run(length: int, reps: int, peak: float, gen: torch.Generator) -> list:
+def run(length: int, reps: int, peak: float, gen: torch.Generator, kernels: list) -> list:
     q = torch.randn(length, HQ, D, dtype=DTYPE, device="cuda")
     k = torch.randn(length, HK, D, dtype=DTYPE, device="cuda")
     v = torch.randn(length, HK, D, dtype=DTYPE, device="cuda")
@@ -110,17 +112,19 @@ def run(length: int, reps: int, peak: float, gen: torch.Generator) -> list:
         else:
             idx, cnt = block_lists(length, density, gen)
         pairs = attended_pairs(idx, cnt, length)
-        ms = timed(lambda: ab.sparse_prefill(q, k, v, cu, idx, cnt, BLOCK, BLOCK, out=out), reps)
-        tflops = 4 * D * pairs * (HQ // HK) / (ms * 1e-3) / 1e12
-        rows.append(dict(context=length, density=pairs / dense_pairs, absparse_ms=ms,
-                         sdpa_flash_ms=sdpa.get("flash"), sdpa_cudnn_ms=sdpa.get("cudnn"),
-                         speedup_vs_best_sdpa=best / ms, tflops=tflops,
-                         tflops_pct_of_matmul=100 * tflops / peak,
-                         sdpa_tflops=4 * D * dense_pairs * (HQ // HK) / (best * 1e-3) / 1e12))
-        r = rows[-1]
-        print(f"  {length // 1024}K density {r['density']:.2f}: {ms:.2f} ms, "
-              f"{r['speedup_vs_best_sdpa']:.2f}x best SDPA ({best:.2f} ms), {tflops:.0f} TFLOP/s",
-              file=sys.stderr)
+        for kernel in kernels:
+            ms = timed(lambda: ab.sparse_prefill(q, k, v, cu, idx, cnt, BLOCK, BLOCK, out=out,
+                                                 kernel=kernel), reps)
+            tflops = 4 * D * pairs * (HQ // HK) / (ms * 1e-3) / 1e12
+            rows.append(dict(context=length, density=pairs / dense_pairs, kernel=kernel,
+                             absparse_ms=ms, sdpa_flash_ms=sdpa.get("flash"),
+                             sdpa_cudnn_ms=sdpa.get("cudnn"), speedup_vs_best_sdpa=best / ms,
+                             tflops=tflops, tflops_pct_of_matmul=100 * tflops / peak,
+                             sdpa_tflops=4 * D * dense_pairs * (HQ // HK) / (best * 1e-3) / 1e12))
+            r = rows[-1]
+            print(f"  {length // 1024}K density {r['density']:.2f} {kernel}: {ms:.2f} ms, "
+                  f"{r['speedup_vs_best_sdpa']:.2f}x best SDPA ({best:.2f} ms), "
+                  f"{tflops:.0f} TFLOP/s", file=sys.stderr)
     return rows
 
 
@@ -128,20 +132,27 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="8K only, fewer repetitions")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--kernels", default="auto",
+                    help="comma-separated CUDA kernels to time: auto, fa2, sm90 (default auto)")
     ap.add_argument("--json", help="write the rows to this JSON file")
     args = ap.parse_args(argv)
+    kernels = args.kernels.split(",")
+    bad = [x for x in kernels if x not in ("auto", "fa2", "sm90")]
+    if bad:
+        ap.error(f"--kernels: unknown kernel {bad[0]!r} (auto, fa2, sm90)")
     gen = torch.Generator(device="cuda").manual_seed(0)
     reps = 3 if args.quick else args.reps
     peak = matmul_tflops(reps)
     lengths = [8192] if args.quick else [32768, 131072]
-    rows = [r for length in lengths for r in run(length, reps, peak, gen)]
+    rows = [r for length in lengths for r in run(length, reps, peak, gen, kernels)]
     print(f"device {torch.cuda.get_device_name()}, dense bf16 matmul {peak:.0f} TFLOP/s")
-    print("| context | density | absparse ms | SDPA flash ms | SDPA cuDNN ms | vs best SDPA | "
-          "TFLOP/s | % of matmul |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| context | density | kernel | absparse ms | SDPA flash ms | SDPA cuDNN ms | "
+          "vs best SDPA | TFLOP/s | % of matmul |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
-        print(f"| {r['context'] // 1024}K | {100 * r['density']:.0f} % | {r['absparse_ms']:.2f} | "
+        print(f"| {r['context'] // 1024}K | {100 * r['density']:.0f} % | {r['kernel']} | "
+              f"{r['absparse_ms']:.2f} | "
               f"{fmt(r['sdpa_flash_ms'])} | {fmt(r['sdpa_cudnn_ms'])} | "
               f"{r['speedup_vs_best_sdpa']:.2f}x | {r['tflops']:.0f} | "
               f"{r['tflops_pct_of_matmul']:.0f} % |")
