@@ -11,6 +11,8 @@
 #   sanitizer  compute-sanitizer memcheck (smoke + 4 small decode cases, 3 prefill cases) and
 #              racecheck (decode smoke, one prefill case)                                sanitizer.log
 #   ncu        Nsight Compute, --set full, one steady launch of each kernel at B8/128K    ncu.txt
+#   ncuprefill Nsight Compute, --set full, one launch of each sparse_prefill kernel (fa2, sm90) at
+#              8K, every causal block                                                      ncu.txt
 #   bench      bench/decode_bench.py (BENCH_ARGS, default --quick)     bench.log, decode_bench.json
 #   prefill    bench/prefill_bench.py (PREFILL_ARGS, default --quick)  bench.log, prefill_bench.json
 #   moa        bench/moa_bench.py (MoA window decode, MOA_ARGS)          bench.log, moa_bench.json
@@ -19,6 +21,15 @@
 #   gbench     absparse_bench_gpu (google-benchmark), carried in build/carry     bench.log, bench_gpu.json
 # The build log (with the ptxas register / spill report) is build.log: 8 files at most, the
 # device tool's limit.
+#
+# The Hopper prefill kernel (cuda/src/sparse_prefill_sm90.cu) needs the CUTLASS headers of the
+# nvidia-cutlass wheel (a build requirement), and this machine reaches no package index: carry the
+# wheel with the tree. On the development machine:
+#   pip download --no-deps nvidia-cutlass==4.2.0.0 -d build/carry/wheels     (6.4 MB)
+# then run this script with carry ["build/carry"]; it installs the wheel (--no-deps: only its
+# headers are used) before the build. Without the wheel the kernel is not built (kernel="sm90"
+# tests skip, the build log says so). For both prefill kernels side by side:
+#   STEPS="quick prefill" PREFILL_ARGS="--quick --kernels fa2,sm90" bash scripts/device_run.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/build/device_out}
@@ -68,6 +79,9 @@ finish() {
 trap finish EXIT
 
 export ABSPARSE_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
+for wheel in build/carry/wheels/nvidia_cutlass-*.whl; do
+  [ -f "$wheel" ] && "$PY" -m pip install --no-deps --no-index -q "$wheel" >>"$OUT/build.log" 2>&1
+done
 export CMAKE_ARGS="${CMAKE_ARGS:-} -DABSPARSE_PTXAS_VERBOSE=ON"
 {
   "$PY" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda',
@@ -79,7 +93,8 @@ if ! step build build.log 60 400 "$PY" -m pip install --no-build-isolation --no-
   exit 1
 fi
 step import build.log 10 60 "$PY" -c "import absparse, torch
-print(absparse.__version__, 'has_cuda', absparse._C.has_cuda, 'gpu', torch.cuda.is_available())
+print(absparse.__version__, 'has_cuda', absparse._C.has_cuda, 'gpu', torch.cuda.is_available(),
+      'has_sm90_prefill', absparse._C.has_sm90_prefill)
 assert absparse._C.has_cuda and torch.cuda.is_available()" || exit 1
 
 export PYTHONUNBUFFERED=1
@@ -120,6 +135,15 @@ if want ncu; then
   for kernel in select_kernel attention_kernel update_kernel; do
     step "ncu-${kernel%%_*}" ncu.txt 40 120 "$NCU" --clock-control none --set full \
       -k "regex:$kernel" -s 1 -c 1 --page details "$PY" bench/profile_step.py
+  done
+fi
+
+if want ncuprefill; then
+  NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+  for kernel in fa2 sm90; do
+    step "ncu-$kernel" ncu.txt 40 120 "$NCU" --clock-control none --set full \
+      -k "regex:prefill(_sm90)?_kernel" -s 2 -c 1 --page details "$PY" bench/prefill_bench.py \
+      --quick --kernels "$kernel"
   done
 fi
 

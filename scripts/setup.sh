@@ -13,6 +13,12 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   pip_install torch==2.13.0
 fi
 pip_install "scikit-build-core>=0.10" "pybind11>=2.12" ninja pytest numpy
+# The CUTLASS / CuTe headers of the Hopper prefill kernel (a build requirement, pinned in
+# pyproject.toml), only where nvcc can use them. --no-deps: the package's Python modules want
+# cuda-python, scipy and more; the build reads only its headers.
+if command -v nvcc >/dev/null; then
+  pip_install --no-deps "$(grep -o 'nvidia-cutlass==[0-9.]*' pyproject.toml)"
+fi
 
 # google-benchmark for the native microbenchmarks (optional: skipped with a message if absent).
 if ! [ -e /usr/include/benchmark/benchmark.h ] && command -v apt-get >/dev/null; then
