@@ -108,14 +108,14 @@ __device__ inline void mbar_wait(uint64_t* bar, uint32_t parity) {
 // two adjacent columns, rows r and r + 8, N / 8 column groups of 8.
 // As (rows, columns): ((2, MMA_M), (2, N / 8, MMA_N)), so a row's values are one slice.
 template <class L>
-__device__ constexpr auto acc_rowcol(L l) {
+CUTE_HOST_DEVICE constexpr auto acc_rowcol(L l) {
   return make_layout(make_layout(get<0, 1>(l), get<1>(l)),
                      make_layout(get<0, 0>(l), get<0, 2>(l), get<2>(l)));
 }
 // As the A operand of a 16-bit m64nNk16 wgmma with the accumulator's columns as its K:
 // ((2, 2, 2), MMA_M, N / 16): two column groups of 8 make one K step of 16.
 template <class L>
-__device__ constexpr auto acc_as_a_operand(L l) {
+CUTE_HOST_DEVICE constexpr auto acc_as_a_operand(L l) {
   auto groups = logical_divide(get<0, 2>(l), Tile<_2>{});  // ((2, N / 16))
   return make_layout(make_layout(get<0, 0>(l), get<0, 1>(l), get<0, 0>(groups)), get<1>(l),
                      coalesce(make_layout(get<0, 1>(groups), get<2>(l))));
