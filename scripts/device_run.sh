@@ -79,14 +79,14 @@ finish() {
 trap finish EXIT
 
 export ABSPARSE_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
-for wheel in build/carry/wheels/nvidia_cutlass-*.whl; do
-  [ -f "$wheel" ] && "$PY" -m pip install --no-deps --no-index -q "$wheel" >>"$OUT/build.log" 2>&1
-done
 export CMAKE_ARGS="${CMAKE_ARGS:-} -DABSPARSE_PTXAS_VERBOSE=ON"
 {
   "$PY" -c "import sys, torch; print(sys.version); print('torch', torch.__version__, 'cuda',
 torch.version.cuda, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
   nvcc --version | tail -2
+  for wheel in build/carry/wheels/nvidia_cutlass-*.whl; do
+    [ -f "$wheel" ] && "$PY" -m pip install --no-deps --no-index "$wheel"
+  done
 } >"$OUT/build.log" 2>&1
 if ! step build build.log 60 400 "$PY" -m pip install --no-build-isolation --no-deps -v . ; then
   tail -40 "$OUT/build.log"
