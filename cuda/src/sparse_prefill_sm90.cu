@@ -38,7 +38,6 @@
 // are computed and not stored; such keys are masked (their positions exceed every query of the
 // sequence), so they get weight 0 in P V: a NaN or infinite value there would still reach the
 // rows of this tile (0 * inf), the same rule as for unattended keys of a processed tile.
-#include <cute/arch/cluster_sm90.hpp>
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
