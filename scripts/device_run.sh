@@ -98,6 +98,11 @@ print(absparse.__version__, 'has_cuda', absparse._C.has_cuda, 'gpu', torch.cuda.
 assert absparse._C.has_cuda and torch.cuda.is_available()" || exit 1
 
 export PYTHONUNBUFFERED=1
+# FIRST_CMD: a diagnostic command run right after the build (first.log), e.g. a scratch script
+# carried with the tree.
+if [ -n "${FIRST_CMD:-}" ]; then
+  step first first.log 20 300 bash -c "$FIRST_CMD"
+fi
 if want quick; then
   step quick tests.log 60 240 "$PY" -m pytest tests/test_gpu.py tests/test_cuda_validation.py \
     tests/test_gpu_prefill.py tests/test_sparse_prefill.py::test_devices \
