@@ -92,17 +92,17 @@ if ! step build build.log 60 400 "$PY" -m pip install --no-build-isolation --no-
   tail -40 "$OUT/build.log"
   exit 1
 fi
+# FIRST_CMD: a diagnostic command run right after the build (first.log), e.g. a scratch script
+# carried with the tree.
+if [ -n "${FIRST_CMD:-}" ]; then
+  PYTHONUNBUFFERED=1 step first first.log 20 300 bash -c "$FIRST_CMD"
+fi
 step import build.log 10 60 "$PY" -c "import absparse, torch
 print(absparse.__version__, 'has_cuda', absparse._C.has_cuda, 'gpu', torch.cuda.is_available(),
       'has_sm90_prefill', absparse._C.has_sm90_prefill)
 assert absparse._C.has_cuda and torch.cuda.is_available()" || exit 1
 
 export PYTHONUNBUFFERED=1
-# FIRST_CMD: a diagnostic command run right after the build (first.log), e.g. a scratch script
-# carried with the tree.
-if [ -n "${FIRST_CMD:-}" ]; then
-  step first first.log 20 300 bash -c "$FIRST_CMD"
-fi
 if want quick; then
   step quick tests.log 60 240 "$PY" -m pytest tests/test_gpu.py tests/test_cuda_validation.py \
     tests/test_gpu_prefill.py tests/test_sparse_prefill.py::test_devices \
