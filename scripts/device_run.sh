@@ -132,7 +132,8 @@ if want sanitizer; then
     -p no:cacheprovider -k sanitizer_smoke
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 step racecheck-prefill sanitizer.log 40 120 "$SAN" \
     --tool racecheck --error-exitcode 9 --print-limit 40 "$PY" -m pytest \
-    tests/test_gpu_prefill.py -q -x -p no:cacheprovider -k "key_positions and kv"
+    tests/test_gpu_prefill.py -q -x -p no:cacheprovider \
+    -k "(key_positions and kv) or (sm90_random_lists and G4-D128-k128)"
 fi
 
 if want ncu; then

@@ -12,9 +12,8 @@
 //     (block index out of range, rows past the sequence, and without key_positions tiles wholly
 //     after the CTA's last query), and TMA-loads the Q tile once, then per tile n: K_n, then
 //     V_(n-1) (V one tile behind, the order in which the consumers need them). Each K stage also
-//     carries the tile's first key row and, with key_positions, its 128 key positions (written by
-//     the warp with plain stores before it arrives on the stage's barrier). After the last tile
-//     it publishes a sentinel tile row -1 in the next K stage.
+//     carries the tile's first key row (written by lane 0 before it arrives on the stage's
+//     barrier). After the last tile it publishes a sentinel tile row -1 in the next K stage.
 //   - Warpgroups 1 and 2 are consumers, 64 query rows each (the 128 x 128 tile of S split by M).
 //     Per tile: S_n = Q K_n^T (wgmma, both operands in shared memory), then O += P_(n-1) V_(n-1)
 //     (wgmma, P from registers) is issued before the softmax of S_n so that the tensor cores run
@@ -23,14 +22,16 @@
 //     warpgroup's softmax overlaps the other's MMAs.
 //   - Masks: none for a tile wholly at or before the CTA's first query; the causal test key row
 //     <= query position on tiles that reach past it (the diagonal); with key_positions the test
-//     pos <= t on every tile.
+//     pos <= t on every tile: while the tile's Q K^T runs, each consumer thread loads the
+//     position of one key column from global memory, and its warpgroup shares them through its
+//     own double-buffered row of shared memory (one 128-thread named barrier per tile).
 //   - Online softmax in log2 units per row in registers; out = O / l rounded to T, lse = (m +
 //     log2 l) ln 2; a row with nothing attended gets 0 and -inf.
 //
-// Pipeline: kStages K stages and kStages V stages, each with a "full" mbarrier (TMA transaction
-// bytes; the K one also counts the 32 producer lanes that wrote the tile's row and positions) and
-// an "empty" mbarrier (one arrival per consumer warp, after its MMA reading the stage completed
-// and, for K, after the positions were read). Tile n uses stage n % kStages with parity
+// Pipeline: kStages K stages and kStages V stages, each with a "full" mbarrier (one arrival by the
+// producer's lane 0 and the TMA transaction bytes) and an "empty" mbarrier (one arrival per
+// consumer warp, after its MMA reading the stage completed and, for K, after the tile row was
+// read). Tile n uses stage n % kStages with parity
 // (n / kStages) & 1.
 //
 // Rows past the end of the sequence: the TMA boxes are cut at T only (sequences are packed), so a
@@ -70,6 +71,8 @@ constexpr int kConsumerRegisters = 232;
 // Named barriers of the MMA ping-pong: ids kPingPong + w for consumer warpgroup w (CUTLASS offsets
 // user ids past its reserved ones).
 constexpr int kPingPong = 0;
+// Named barriers kPositions + w: consumer warpgroup w's threads after writing key positions.
+constexpr int kPositions = 2;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -187,8 +190,10 @@ struct Sm90Config {
     alignas(1024) T v[cosize_v<SmemVt>];
     uint64_t q_full;
     uint64_t k_full[kStages], k_empty[kStages], v_full[kStages], v_empty[kStages];
-    int32_t tile_row[kStages];           // first key row of the tile in stage s, -1: no more tiles
-    int32_t key_pos[kStages][kBlockN];   // with key_positions: pos of each key row, INT32_MAX past L
+    int32_t tile_row[kStages];  // first key row of the tile in stage s, -1: no more tiles
+    // With key_positions: the positions of tile n's keys for consumer warpgroup w in
+    // key_pos[w][n % 2] (INT32_MAX past the sequence).
+    int32_t key_pos[kConsumerWarpGroups][2][kBlockN];
   };
 };
 
@@ -258,20 +263,12 @@ __device__ void produce(const Sm90Args<T, D>& a, typename Sm90Config<T, D>::Smem
     copy(a.tma_q.with(s.q_full), tQgQ, tQsQ);
   }
 
-  const int* kp = a.key_positions;
-  const int64_t kp_base = c.start * a.kp_stride_token + c.hk * a.kp_stride_head;
+  const bool by_position = a.key_positions != nullptr;
   // K tile n (first key row r0 >= 0, or the sentinel r0 = -1) into stage n % kStages.
   auto load_k = [&](int n, int32_t r0) {
     const int stage = n % kStages;
-    mbar_wait(&s.k_empty[stage], ((n / kStages) & 1) ^ 1);
-    if (r0 >= 0 && kp != nullptr) {
-      for (int i = lane; i < kBlockN; i += 32) {
-        const int32_t r = r0 + i;
-        s.key_pos[stage][i] =
-            r < c.len ? kp[kp_base + static_cast<int64_t>(r) * a.kp_stride_token] : INT32_MAX;
-      }
-    }
     if (lane == 0) {
+      mbar_wait(&s.k_empty[stage], ((n / kStages) & 1) ^ 1);
       s.tile_row[stage] = r0;
       if (r0 >= 0) {
         mbar_arrive_expect_tx(&s.k_full[stage], Config::kTileBytes);
@@ -279,8 +276,6 @@ __device__ void produce(const Sm90Args<T, D>& a, typename Sm90Config<T, D>::Smem
       } else {
         mbar_arrive(&s.k_full[stage]);
       }
-    } else {
-      mbar_arrive(&s.k_full[stage]);
     }
   };
   auto load_v = [&](int n, int32_t r0) {
@@ -314,7 +309,7 @@ __device__ void produce(const Sm90Args<T, D>& a, typename Sm90Config<T, D>::Smem
       if (j < 0 || j >= num_kblocks) continue;
       for (int t = 0; t < tiles_per_block; ++t) {
         const int64_t r0 = static_cast<int64_t>(j) * a.k_block + t * kBlockN;
-        if (r0 >= c.len || (kp == nullptr && r0 > q_last)) break;  // later tiles are too
+        if (r0 >= c.len || (!by_position && r0 > q_last)) break;  // later tiles are too
         load_k(n, static_cast<int32_t>(r0));
         if (n > 0) load_v(n - 1, prev_r0);
         prev_r0 = static_cast<int32_t>(r0);
@@ -367,7 +362,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) {
     mbar_init(&s.q_full, 1);
     for (int i = 0; i < kStages; ++i) {
-      mbar_init(&s.k_full[i], 32);  // the producer warp's lanes (lane 0 also expects the bytes)
+      mbar_init(&s.k_full[i], 1);  // the producer's lane 0 (which also expects the bytes)
       mbar_init(&s.v_full[i], 1);
       mbar_init(&s.k_empty[i], kConsumerWarps);
       mbar_init(&s.v_empty[i], kConsumerWarps);
@@ -418,11 +413,30 @@ __global__ void __launch_bounds__(kThreads, 1)
     l_run[mi] = 0.0f;
   }
   const bool by_position = a.key_positions != nullptr;
+  // With key_positions, thread tid % 128 of a warpgroup loads the position of key column
+  // tid % 128 of tile n (INT32_MAX past the sequence) while the tile's Q K^T runs, then publishes
+  // it in key_pos[wg][n % 2]. Two buffers make one barrier per tile enough: a thread writes tile
+  // n + 2's buffer only after the barrier of tile n + 1, which every thread of the warpgroup
+  // reaches after reading tile n's.
+  const int32_t* kp = by_position
+                          ? a.key_positions + c.start * a.kp_stride_token + c.hk * a.kp_stride_head
+                          : nullptr;
+  int32_t my_pos = INT32_MAX;
+  auto load_position = [&](int32_t r0) {
+    const int32_t r = r0 + tid % 128;
+    my_pos = r < c.len ? __ldg(kp + static_cast<int64_t>(r) * a.kp_stride_token) : INT32_MAX;
+  };
+  auto publish_positions = [&](int n) {
+    s.key_pos[wg][n & 1][tid % 128] = my_pos;
+    cutlass::arch::NamedBarrier::sync(128, kPositions + wg);
+  };
 
-  // Mask, scale and online softmax of the tile in s_rc; returns each row's rescale factor of O.
-  auto softmax = [&](int32_t r0, int stage, float (&alpha)[kRows]) {
+  // Mask, scale and online softmax of tile n (first key row r0) in s_rc; returns each row's
+  // rescale factor of O.
+  auto softmax = [&](int32_t r0, int n, float (&alpha)[kRows]) {
     if (by_position) {
-      mask_and_scale<2>(s_rc, cs_rc, c.q0, r0, s.key_pos[stage], a.scale_log2);
+      publish_positions(n);
+      mask_and_scale<2>(s_rc, cs_rc, c.q0, r0, s.key_pos[wg][n & 1], a.scale_log2);
     } else if (r0 + kBlockN - 1 > c.q0) {  // the tile reaches past the first query: diagonal
       mask_and_scale<1>(s_rc, cs_rc, c.q0, r0, nullptr, a.scale_log2);
     } else {
@@ -474,6 +488,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float alpha[kRows];
   if (r0 >= 0) {
     wgmma<true>(mma_qk, tSrQ, tSrK(_, _, _, 0), tSrS);
+    if (by_position) load_position(r0);
     warpgroup_wait<0>();
     warpgroup_fence_operand(tSrS);
     softmax(r0, 0, alpha);
@@ -490,9 +505,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_wait(&s.v_full[prev], ((n - 1) / kStages) & 1);
       wgmma<false>(mma_pv, tOrP, tOrV(_, _, _, prev), tOrO);
       cutlass::arch::NamedBarrier::arrive(kConsumerThreads, kPingPong + (1 - wg));
+      if (by_position) load_position(r0);
       warpgroup_wait<1>();  // S_n done, P_(n-1) V_(n-1) may still run
       warpgroup_fence_operand(tSrS);
-      softmax(r0, stage, alpha);
+      softmax(r0, n, alpha);
       release(&s.k_empty[stage]);
       warpgroup_wait<0>();
       warpgroup_fence_operand(tOrO);
