@@ -178,11 +178,12 @@ def _reference_evaluate(model, tok, samples, cal, budgets, methods, batch_size):
 
 @pytest.mark.full
 def test_evaluate_gives_the_records_of_the_per_run_loop(lm):
-    """Two batches of 4 rows (greedy rows, then ppl rows), the 3 runs in passes of 2 and 1 run:
-    the same records and statistics (a quantized format's) as the per-run loop. Batches have 4
-    rows or more: there the model's float32 matmuls give a row the same bits whatever the batch
-    on one thread (MKL; a batch of 1 to 3 rows rounds differently), so merging runs changes
-    nothing."""
+    """Two batches of 4 rows (greedy rows, then ppl rows), the 3 runs in passes of 2 and 1 run,
+    in one process and in two forked workers: the same records and statistics (a quantized
+    format's) as the per-run loop; the calibration's tables too do not depend on the workers.
+    Batches have 4 rows or more: there the model's float32 matmuls give a row the same bits
+    whatever the batch on one thread (MKL; a batch of 1 to 3 rows rounds differently), so merging
+    runs changes nothing."""
     from absparse.eval.evaluation import evaluate
     from absparse.eval.model_calibration import calibrate
     from absparse.eval.tasks import eval_suite
@@ -192,15 +193,22 @@ def test_evaluate_gives_the_records_of_the_per_run_loop(lm):
     torch.set_num_threads(1)
     try:
         count = lambda s: len(tok(s, add_special_tokens=False).input_ids)
-        cal = calibrate(model, tok, 1, 256, [64], num_probes=8)
+        cal = calibrate(model, tok, 2, 256, [64], num_probes=8, workers=2)
+        alone = calibrate(model, tok, 2, 256, [64], num_probes=8, workers=1)
+        assert torch.equal(cal.recall["minmax"]["64"], alone.recall["minmax"]["64"])
+        assert torch.equal(cal.ranges["cuboid"], alone.ranges["cuboid"])
         samples = eval_suite(count, [256], tasks=["passkey", "vartrack"], depths=[0.3, 0.7],
                              ppl_samples=4, ppl_length=256)
         methods = ["quest", "ab-quest-int4c"]
         ref_records, ref_stats = _reference_evaluate(model, tok, samples, cal, [64], methods, 4)
-        res = evaluate(model, tok, samples, cal, [64], methods, batch_size=4, rows_per_pass=8)
-        assert res.records == ref_records
-        assert res.stats == ref_stats and ref_stats["ab-quest-int4c"]["64"]["selected"] > 0
-        assert {r["task"] for r in res.records} == {"passkey", "vartrack", "ppl"}
+        assert {r["task"] for r in ref_records} == {"passkey", "vartrack", "ppl"}
+        assert ref_stats["ab-quest-int4c"]["64"]["selected"] > 0
+        for workers in (1, 2):
+            res = evaluate(model, tok, samples, cal, [64], methods, batch_size=4,
+                           rows_per_pass=8, workers=workers)
+            assert res.meta["workers"] == workers
+            assert res.records == ref_records, workers
+            assert res.stats == ref_stats, workers
     finally:
         torch.set_num_threads(threads)
         model.set_attn_implementation("sdpa")

@@ -316,7 +316,8 @@ def evaluate(model, tokenizer, samples: Sequence[Sample], calibration: Calibrati
              ppl_tokens: int = 16, progress=None,
              window_plans: Optional[Dict[str, Dict[str, object]]] = None,
              prefill: Sequence[str] = ("dense",), prefill_options: Optional[dict] = None,
-             prefill_decode: str = "ab-mean", rows_per_pass: int = ROWS_PER_PASS) -> EvalResult:
+             prefill_decode: str = "ab-mean", rows_per_pass: int = ROWS_PER_PASS,
+             workers: Optional[int] = 1) -> EvalResult:
     """Evaluate ``dense`` and ``methods`` at every budget on ``samples`` (see module docstring).
 
     ``prefill``: prefill modes; the sparse ones (not ``dense``) are evaluated as ``MODE+dense``
@@ -332,9 +333,12 @@ def evaluate(model, tokenizer, samples: Sequence[Sample], calibration: Calibrati
     attended per KV head at the prompt length).
     ``rows_per_pass``: rows per decode forward pass: the runs of a batch are decoded together,
     ``max(1, rows_per_pass // batch rows)`` at a time (:mod:`absparse.eval.decode_runs`).
+    ``workers``: processes the batches are spread over (:func:`absparse.eval.workers.
+    resolve_workers`; None: one per CPU core). The records do not depend on it.
     """
     from ..hf import PrefillConfig, register
     from .decode_runs import Run
+    from .workers import map_items, resolve_workers
 
     register()
     model.set_attn_implementation("absparse")
@@ -357,29 +361,39 @@ def evaluate(model, tokenizer, samples: Sequence[Sample], calibration: Calibrati
              parse_method(prefill_decode).layout(calibration, budgets[0], avg_block_size)) \
         if sparse_prefills else None  # only sparse prefills decode with it
     eos = tokenizer.eos_token_id
-    batches = _batches(samples, batch_size)
-    records: List[dict] = []
-    stats: Dict[str, Dict[str, dict]] = defaultdict(dict)
-    t0 = time.perf_counter()
-    for idx in batches:
+    runs = [_run("dense", None, None)] + [_run(s.name, b, layouts[f"{s.name}@{budget_key(b)}"])
+                                          for b in budgets for s in specs]
+    runs += [Run(m, b, plan=window_plans[m][budget_key(b)])
+             for b in budgets for m in window_plans or {}]
+
+    def batch(idx: List[int], progress):
+        """One batch -> (records, selection statistics, seconds per context length)."""
+        records: List[dict] = []
+        stats: Dict[str, Dict[str, dict]] = defaultdict(dict)
+        # Seconds per context length: dense prefills, and the decode runs (a batch's time shared
+        # equally by its rows).
+        timing: Dict[int, Dict[str, float]] = defaultdict(
+            lambda: {"samples": 0, "prefill_s": 0.0, "decode_s": 0.0})
         plans, bases, firsts = [], [], []
         for i in idx:
             s = samples[i]
             ids, forced = _prompt_ids(tokenizer, s, ppl_tokens)
+            t = time.perf_counter()
             bases.append(_prefill(model, ids[:, :-1], page_size))
+            timing[s.length]["samples"] += 1
+            timing[s.length]["prefill_s"] += time.perf_counter() - t
             firsts.append(int(ids[0, -1]))
             plans.append({"forced": forced, "prompt_tokens": ids.shape[1],
                           "steps": len(forced) if forced is not None else s.max_new_tokens})
         if progress is not None:
             progress.advance("prefill", sum(p["prompt_tokens"] - 1 for p in plans))
         first = torch.tensor(firsts)
-        runs = [_run("dense", None, None)] + [_run(s.name, b, layouts[f"{s.name}@{budget_key(b)}"])
-                                              for b in budgets for s in specs]
-        runs += [Run(m, b, plan=window_plans[m][budget_key(b)])
-                 for b in budgets for m in window_plans or {}]
+        t = time.perf_counter()
         records += _decode_runs(model, tokenizer, samples, idx, bases, first, plans, eos, runs,
                                 sink_tokens, local_tokens, group_reduce, stats, progress,
                                 rows_per_pass)
+        for i in idx:
+            timing[samples[i].length]["decode_s"] += (time.perf_counter() - t) / len(idx)
         for cfg in sparse_prefills:
             ids_list = [_prompt_ids(tokenizer, samples[i], ppl_tokens)[0] for i in idx]
             sparse_bases = [_prefill(model, ids[:, :-1], page_size, cfg) for ids in ids_list]
@@ -394,8 +408,29 @@ def evaluate(model, tokenizer, samples: Sequence[Sample], calibration: Calibrati
             for n, rec in enumerate(recs):
                 rec.update(prefill=cfg.mode, prefill_density=density[n % len(idx)])
             records += recs
+        return records, dict(stats), dict(timing)
+
+    t0 = time.perf_counter()
+    batches = _batches(samples, batch_size)
+    workers = resolve_workers(workers, len(batches), model.device)
+    records: List[dict] = []
+    stats: Dict[str, Dict[str, dict]] = defaultdict(dict)
+    timing: Dict[int, Dict[str, float]] = {}
+    for recs, st, tm in map_items(batch, batches, workers, progress):
+        records += recs
+        for name, per in st.items():
+            for bkey, counts in per.items():
+                acc = stats[name].setdefault(bkey, {"selected": 0, "differ": 0})
+                acc["selected"] += counts["selected"]
+                acc["differ"] += counts["differ"]
+        for n, t in tm.items():
+            acc = timing.setdefault(n, {"samples": 0, "prefill_s": 0.0, "decode_s": 0.0})
+            for k, v in t.items():
+                acc[k] += v
     layouts_by_method = {s.name: layouts[f"{s.name}@{budget_key(budgets[0])}"] for s in specs}
     meta = {"eval_seconds": round(time.perf_counter() - t0, 1), "samples": len(samples),
+            "decode_runs": len(runs), "workers": workers,
+            "timing": {n: {k: round(v, 1) for k, v in t.items()} for n, t in timing.items()},
             "avg_block_size": avg_block_size, "sink_tokens": sink_tokens,
             "local_tokens": local_tokens, "group_reduce": group_reduce, "page_size": page_size,
             "summary_kib_per_1k": {k: summary_kib_per_1k(v, head_dim) for k, v in layouts.items()},
