@@ -121,7 +121,7 @@ def test_region_holds_exactly_the_pages_a_run_can_open():
     assert _region([1], 200, 64) == (1, 1 + 3)                   # 1 + 200 tokens: pages 1, 2, 3
 
 
-def test_runs_cache_rejects_a_layout_of_another_page_size():
+def test_batch_pool_rejects_a_layout_of_another_page_size():
     from absparse.eval.decode_runs import BatchPool, Run
 
     gen = torch.Generator().manual_seed(1)

@@ -3,30 +3,34 @@
 :func:`absparse.eval.evaluation.evaluate` decodes every batch of prefilled samples once per run
 (dense, every method x budget, every window plan). The runs attend differently, but all start from
 the same prefilled keys and values. Stacking a private copy of them per run
-(``AbsparseCache.stack``) copied the batch's K/V pools once per run, and each run's forward passes
-carried only the batch's rows (10 by default), so the model's per-pass cost was paid once per run
-and step.
+(``AbsparseCache.stack``) copied the batch's K/V pools and recomputed every block summary once per
+run, and each run's forward passes carried only the batch's rows (10 by default), so the model's
+per-pass cost was paid once per run and step.
 
-Here the runs of a *chunk* share one pool per layer::
+Here (:class:`BatchPool`) the runs of a batch share one pool per layer, made once a batch::
 
-    pool [pages, P, Hk, D] = | prefix: every page of every sample's prefill (copied once a batch) |
-                             | run 0: private copies of its rows' partial last pages, free pages |
-                             | run 1: ...                                                          |
+    pool [pages, P, Hk, D] = | prefix: every page of every sample's prefill                 |
+                             | run 0 of a pass: private copies of its rows' partial last     |
+                             |   pages, then the free pages its rows can open in ``steps``   |
+                             | run 1 of the pass: ...                                        |
 
-Each run of a layer is an :class:`absparse.hf.PagedLayer` over the leading pages of that pool (up
-to the end of its own region), set up as ``PagedLayer.stack`` sets up a stacked copy: its own page
-table (the shared prefix pages, then its private copy of the partial last page, which its appends
-write into), lengths, summary caches (its layout's, computed from the keys like ``stack`` does),
-selection statistics and window plan. It hands out pages only from its own region, which holds
-exactly the pages its rows can need in ``steps`` decode steps. A forward pass carries the rows of
-every run of the chunk, run-major (row ``r * B + j`` = run ``r``, sample ``j``): the model's layers
-see one batch, and each layer's attention (:class:`RunsLayer`) hands every run its own rows.
+and are decoded in *passes* of several runs. In a pass, each run of a layer is an
+:class:`absparse.hf.PagedLayer` over that pool, in the state ``PagedLayer.stack`` leaves a stacked
+copy in: its own page table (the shared prefix pages, then its private copy of the partial last
+page, which its appends write into), lengths, selection statistics and window plan. It hands out
+pages only from its own region, so runs never write the same page. Block summaries are shared in
+the same way: one summary cache per distinct layer layout, its prefix pages computed once a batch
+(every complete block of every prefill, as ``stack`` computes them), each run adding the blocks of
+its private pages. A forward pass carries the rows of every run of the pass, run-major (row
+``r * B + j`` = run ``r``, sample ``j``): the model's layers see one batch, and each layer's
+attention (:class:`RunsLayer`) hands every run its own rows.
 
-So the ops see exactly the tensors of the per-run path (same keys, summaries, block lists), and a
-run whose rows are all done is frozen (:meth:`RunsCache.freeze`: its rows still pass through the
-model, but append, select and attend nothing and count no statistics), as the per-run loop stopped
-there. Rows are independent in every op; ``tests/test_decode_runs.py`` checks the records and
-statistics against the per-run path on the embedded model.
+So the ops see the tensors of the per-run path (the same keys, summaries and block lists, at other
+page numbers), and a run whose rows are all done is frozen (:meth:`RunsCache.freeze`: its rows
+still pass through the model, but append, select and attend nothing and count no statistics), as
+the per-run loop stopped there. Rows are independent in every op; ``tests/test_decode_runs.py``
+checks every step's attention output and the statistics against one stacked cache per run, and
+the evaluation's records against the per-run loop on the embedded model.
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ try:
 except ImportError as e:  # pragma: no cover - absparse.hf above already needs transformers
     raise ImportError("absparse.eval.decode_runs needs transformers") from e
 
-__all__ = ["Run", "RunsLayer", "RunsCache", "BatchPool", "runs_cache"]
+__all__ = ["Run", "RunsLayer", "RunsCache", "BatchPool"]
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ class RunsLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def lazy_initialization(self, key_states, value_states) -> None:
-        raise NotImplementedError("RunsLayer: the runs' pages are set up by runs_cache")
+        raise NotImplementedError("RunsLayer: the runs' pages are set up by BatchPool")
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append one token per row ``[R * B, Hk, 1, D]`` to every run that is not frozen."""
@@ -106,7 +110,7 @@ class RunsLayer(CacheLayerMixin):
         return self.get_seq_length() + query_length, 0
 
     def get_seq_length(self) -> int:
-        return self.runs[0].get_seq_length()
+        return max(run.get_seq_length() for run in self.runs)
 
     def get_max_length(self) -> int:
         return -1
@@ -246,22 +250,24 @@ class BatchPool:
 
         sink, local, reduce = self.settings
         B, P = len(self.lens), self.page_size
-        lens = torch.tensor(self.lens, dtype=torch.int32)
-        page_start = (lens // P) * P                     # [B] first token of the partial page
         layers, per_run = [], [[] for _ in runs]
         for i in range(self.num_layers):
             k_pool, v_pool = self.pools[i]
+            lens = torch.tensor(self.lens, dtype=torch.int32, device=k_pool.device)   # [B]
+            page_start = (lens // P) * P                 # [B] first token of the partial page
+            shared = self.tables[i].tolist()             # [B][width] prefix pages
             group = []
             for r, run in enumerate(runs):
                 start = self.prefix + r * self.region
-                table = self.tables[i].clone()
+                own = [list(row) for row in shared]
                 page = start
                 for j, n in enumerate(self.lens):
                     if n % P:
-                        k_pool[page] = k_pool[table[j, n // P]]
-                        v_pool[page] = v_pool[table[j, n // P]]
-                        table[j, n // P] = page
+                        k_pool[page] = k_pool[own[j][n // P]]
+                        v_pool[page] = v_pool[own[j][n // P]]
+                        own[j][n // P] = page
                         page += 1
+                table = torch.tensor(own, dtype=torch.int32, device=k_pool.device)
                 layout = run.layout[i] if run.layout is not None else None
                 out = PagedLayer(layout, DecodeConfig(_budget(run), sink, local, reduce), P, i,
                                  run.compare_format)
@@ -270,7 +276,7 @@ class BatchPool:
                 out.keys, out.values = k_pool, v_pool
                 out.page_table = table
                 out._lens = list(self.lens)
-                out.seq_lens = lens.to(k_pool.device)
+                out.seq_lens = lens
                 out._num_used = start + self.partial             # its free pages come next
                 out.is_initialized = True
                 for lay, attr in ((out.layout, ""), (out.compare_layout, "cmp_")):
@@ -312,12 +318,3 @@ class BatchPool:
                              summaries, scales)
             self.summaries[key] = (summaries, scales)
         return self.summaries[key]
-
-
-def runs_cache(bases: Sequence[AbsparseCache], runs: Sequence[Run], steps: int,
-               sink_tokens: int = 16, local_tokens: int = 64,
-               group_reduce: str = "max") -> RunsCache:
-    """The :class:`RunsCache` of ``runs`` decoded in one pass over ``bases`` (see
-    :class:`BatchPool`)."""
-    return next(BatchPool(bases, runs, steps, len(runs), sink_tokens, local_tokens,
-                          group_reduce).passes())
