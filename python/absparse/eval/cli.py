@@ -1,7 +1,7 @@
 """absparse: AB-Sparse block-sparse attention, calibrated and evaluated on a language model.
 
 commands:
-  absparse run [--out DIR]           calibrate + evaluate: the main job (about 13 min on a 2-core
+  absparse run [--out DIR]           calibrate + evaluate: the main job (about 6 min on a 2-core
                                      CPU with the defaults; a GPU is used when there is one)
   absparse calibrate [--out DIR]     calibrate AB-Sparse on the model, write DIR/layout.json
   absparse eval --calibration DIR    evaluate every method, write a markdown table and plots
