@@ -117,6 +117,9 @@ BAD_ARGS = [
     (["run", "--prefill", "pbs,pbs"], "--prefill: a mode is listed twice"),
     (["run", "--prefill-decode", "ab-quest-int3"], "--prefill-decode: method: expected"),
     (["run", "--threads", "-1"], "--threads: expected an integer >= 0"),
+    (["run", "--workers", "-1"], "--workers: expected an integer >= 0"),
+    (["eval", "--workers", "2", "--threads", "2", "--calibration", "x"],
+     "--workers 2: the worker processes are forked, which needs --threads 1, got --threads 2"),
     (["run", "--device", "tpu"], "--device: expected cpu, cuda or cuda:N"),
     (["run", "--model", "/nonexistent/model.gguf"], "--model /nonexistent/model.gguf: no such "
                                                     "GGUF file"),

@@ -1,6 +1,7 @@
 """absparse.eval.quality on synthetic q/k/v: recall, relative L2 error and Jaccard against an
 independent float64 computation from the selected block lists; probe positions, documents and
-the comparisons of the study. No model needed."""
+the comparisons of the study (no model needed); and the study on the embedded model in one and in
+two worker processes."""
 import math
 
 import pytest
@@ -175,3 +176,33 @@ def test_report_json_and_plot_on_hand_values(tmp_path):
     assert back.budgets == [0.04] and back.diff("ab-quest", "quest", "4%") == d
     plot_recall(res, tmp_path / "recall.png")
     assert (tmp_path / "recall.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.full
+def test_measure_quality_does_not_depend_on_the_workers(lm):
+    """The study on the embedded model, in one process and in two forked workers (one document
+    each): the same per-document, per-layer values bit for bit, NaN where a metric does not
+    apply."""
+    from absparse.eval.model_calibration import calibrate
+    from absparse.eval.quality import measure_quality
+
+    model, tok = lm
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cal = calibrate(model, tok, 1, 256, [64], num_probes=8)
+        docs = quality_documents(tok, ["essay", "code"], 1, 256)
+        methods = ["quest", "ab-quest", "ab-quest-int4c"]
+        runs = [measure_quality(model, tok, cal, docs, [64], methods, num_probes=6,
+                                workers=w) for w in (1, 2)]
+    finally:
+        torch.set_num_threads(threads)
+    assert [r.meta["workers"] for r in runs] == [1, 2]
+    for m in methods:
+        for metric in ("recall", "l2", "jaccard"):
+            a, b = (r.values[m]["64"][metric] for r in runs)
+            assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(
+                torch.nan_to_num(a), torch.nan_to_num(b)), (m, metric)
+    recall = runs[0].values["ab-quest"]["64"]["recall"]
+    assert 0 < recall.min() <= recall.max() <= 1                   # a share of the softmax mass
+    assert not torch.isnan(runs[0].values["ab-quest-int4c"]["64"]["jaccard"]).any()

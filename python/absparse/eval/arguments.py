@@ -136,6 +136,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads, 0 for torch's default (1 by default: on a small shared "
                         "CPU, more threads than free cores slow every step down several times)")
+    g.add_argument("--workers", type=int, default=0,
+                   help="processes the calibration documents and evaluation batches are spread "
+                        "over, on the CPU with one torch thread each: 0 for one per CPU core "
+                        "(results do not depend on it; each takes ~5 GB at 2K tokens)")
     g = p.add_argument_group("selection")
     g.add_argument("--budgets", default=DEFAULTS["budgets"],
                    help="token budgets per KV head, comma separated: token counts (256) or "
@@ -235,7 +239,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     c.add_argument("--out", default="absparse-calibration", help="output directory")
     e = sub.add_parser("eval", help="evaluate methods, write table and plots",
                        description="Evaluate dense attention and every method at every budget on "
-                                   "the generated tasks; writes results.md, results.jsonl and "
+                                   "the generated tasks; writes results.md, results.jsonl, "
+                                   "timing.json (seconds per phase and context length) and "
                                    "plots.")
     _common(e)
     _eval_args(e)
@@ -343,7 +348,10 @@ def dense_indices(args) -> List[int]:
 def check_args(args) -> None:
     """Every check that needs neither the model nor the calibration file; adds the parsed lists
     as args.*_list (budgets_list, candidates_list, methods_list, ...)."""
-    _check_at_least(args, 0, "threads", "sink_tokens", "local_tokens")
+    _check_at_least(args, 0, "threads", "workers", "sink_tokens", "local_tokens")
+    if args.workers > 1 and args.threads != 1:
+        raise CliError(f"--workers {args.workers}: the worker processes are forked, which needs "
+                       f"--threads 1, got --threads {args.threads}")
     args.budgets_list = _budgets(args.budgets)
     if not _power_of_two(args.avg_block_size):
         raise CliError(f"--avg-block-size: expected a power of two, got {args.avg_block_size}")

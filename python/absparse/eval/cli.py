@@ -1,7 +1,7 @@
 """absparse: AB-Sparse block-sparse attention, calibrated and evaluated on a language model.
 
 commands:
-  absparse run [--out DIR]           calibrate + evaluate: the main job (about 13 min on a 2-core
+  absparse run [--out DIR]           calibrate + evaluate: the main job (about 6 min on a 2-core
                                      CPU with the defaults; a GPU is used when there is one)
   absparse calibrate [--out DIR]     calibrate AB-Sparse on the model, write DIR/layout.json
   absparse eval --calibration DIR    evaluate every method, write a markdown table and plots
@@ -19,6 +19,7 @@ Exit status: 0 done; 1 failed while running (model not loadable, output not writ
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -85,7 +86,8 @@ def _calibrate(args, model, tok, src, out: Path):
     cal = calibrate(model, tok, args.calib_samples, args.calib_length, budgets,
                     args.candidates_list, num_probes=args.probes, sink_tokens=args.sink_tokens,
                     local_tokens=args.local_tokens, group_reduce=args.group_reduce,
-                    page_size=args.page_size, seed=args.calib_seed, progress=bar)
+                    page_size=args.page_size, seed=args.calib_seed, progress=bar,
+                    workers=args.workers)
     bar.close()
     cal.meta["model"] = src.name
     cal.save(out / "calibration.pt")
@@ -122,12 +124,14 @@ def _evaluate(args, model, tok, src, cal, out: Path, command: str, started: floa
                    args.sink_tokens, args.local_tokens, args.group_reduce, args.batch_size,
                    progress=bar, prefill=args.prefill_list,
                    prefill_options=getattr(args, "prefill_options", None),
-                   prefill_decode=args.prefill_decode)
+                   prefill_decode=args.prefill_decode, workers=args.workers)
     bar.close()
     import torch
     import transformers
 
     elapsed = time.perf_counter() - started
+    timing = res.meta["timing"]
+    phase = lambda key: sum(t[key] for t in timing.values())
     header = "\n".join([
         f"# absparse evaluation: {src.name}", "",
         f"- date: {datetime.date.today().isoformat()}",
@@ -136,7 +140,10 @@ def _evaluate(args, model, tok, src, cal, out: Path, command: str, started: floa
         f"- wall time: {elapsed:.0f} s (" + (f"calibration {cal.meta.get('calibration_seconds')} s"
                                              if calibrated_here else "calibration loaded from "
                                              f"`{args.calibration}`") +
-        f", evaluation {res.meta['eval_seconds']} s, the rest model loading and prefill)",
+        f", evaluation {res.meta['eval_seconds']} s in {res.meta['workers']} worker process(es): "
+        f"dense prefill {phase('prefill_s'):.0f} s, {res.meta['decode_runs']} decode runs "
+        f"{phase('decode_s'):.0f} s, summed over the workers, per context length in "
+        f"`timing.json`; the rest model loading)",
         f"- versions: absparse {__version__}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}",
         f"- samples: {len(samples)} ({args.tasks} at lengths {args.lengths}, depths "
@@ -151,6 +158,12 @@ def _evaluate(args, model, tok, src, cal, out: Path, command: str, started: floa
         f"{', '.join(budget_key(b) for b in cal.budgets)}; the nearest one otherwise)", ""])
     res.meta["title"] = f"{src.name}: average task accuracy vs token budget"
     res.save(out / "results.jsonl")
+    (out / "timing.json").write_text(json.dumps(
+        {"wall_s": round(elapsed, 1), "eval_s": res.meta["eval_seconds"],
+         "calibration_s": cal.meta.get("calibration_seconds") if calibrated_here else None,
+         "decode_runs": res.meta["decode_runs"], "workers": res.meta["workers"],
+         "device": _device_description(str(model.device)),
+         "per_length": timing}, indent=1))
     text = write_report(res, out / "results.md", header)
     plot_accuracy(res, out / "accuracy_vs_budget.png")
     specs = {m: parse_method(m) for m in res.layouts}

@@ -1,12 +1,13 @@
 """Accuracy of AB-Sparse against dense attention and the uniform Quest/ArkVale baselines.
 
 Every sample is prefilled ONCE densely (all prompt tokens but the last, into a dense
-:class:`~absparse.hf.AbsparseCache`). For each (budget, method) the prefilled sequences of a batch
-are stacked into one cache with that method's layout (``AbsparseCache.stack``: K/V copied, block
-summaries recomputed), and every step from the last prompt token on goes through the decode
-pipeline: the answer tokens are generated greedily (RULER string match), or, for ``ppl`` samples,
-teacher forced to measure the continuation's NLL. So even the first answer token depends on the
-sparse selection.
+:class:`~absparse.hf.AbsparseCache`). Each (budget, method) is a decode run of the batch's
+prefilled sequences with that method's layout (block summaries computed from the prefilled keys),
+and every step from the last prompt token on goes through the decode pipeline: the answer tokens
+are generated greedily (RULER string match), or, for ``ppl`` samples, teacher forced to measure the
+continuation's NLL. So even the first answer token depends on the sparse selection. The runs of a
+batch share one copy of its prefill and are decoded together, several per forward pass
+(:mod:`absparse.eval.decode_runs`); each gives the records a cache of its own would give.
 
 Methods are named ``[ab-]BASE[-FORMAT][-mem][+dN]``:
 
@@ -61,6 +62,13 @@ FORMATS = ("fp32", "fp16", "bf16", "int8c", "int4c")
 _BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8c": 8, "int4c": 4}
 _METHOD_RE = re.compile(r"^(ab-)?(quest|arkvale|mean)(?:-(fp32|fp16|bf16|int8c|int4c))?(-mem)?"
                         r"(?:\+d(\d+))?$")
+
+# Rows per decode forward pass (the runs of a batch are decoded together, see decode_runs). More
+# rows amortize the model's per-pass cost; the pool grows by ~1.5 pages per row. Measured on a
+# 2-core AMD EPYC (2026-12-01), 10 samples with the main job's 40 runs: at 1024 tokens 124 s with
+# 10 rows (one run) per pass, 85 s with 120, 81 s with 400; at 2048 tokens 114 s with 128 and
+# 124 s with 512 (peak memory 4.6 vs 6.6 GB).
+ROWS_PER_PASS = 128
 
 DEFAULT_METHODS = ("quest", "arkvale", "mean", "ab-quest", "ab-quest-int8c", "ab-quest-int4c",
                    "ab-arkvale", "ab-arkvale-int8c", "ab-arkvale-int4c", "ab-mean",
@@ -214,10 +222,15 @@ def _prefill(model, ids: torch.Tensor, page_size: int, prefill=None) -> Absparse
 
 
 def _decode(model, cache: AbsparseCache, first: torch.Tensor, plans: List[dict],
-            eos: Optional[int]):
+            eos: Optional[int], run_rows: Optional[int] = None):
     """Run every row from its last prompt token: greedy rows generate ``max_new`` tokens, forced
-    rows feed ``forced`` and accumulate its NLL. Returns per-row (token ids, nll sum)."""
+    rows feed ``forced`` and accumulate its NLL. Returns per-row (token ids, nll sum).
+
+    ``run_rows``: the rows are runs of this many rows each (a
+    :class:`~absparse.eval.decode_runs.RunsCache`); a run whose rows are all done is frozen, as a
+    cache of that run alone would have stopped there."""
     batch = len(plans)
+    live = list(range(batch // run_rows)) if run_rows else []
     lens = torch.tensor(cache.seq_lens, dtype=torch.int64)
     steps = max(p["steps"] for p in plans)
     nxt = first.clone()
@@ -251,6 +264,9 @@ def _decode(model, cache: AbsparseCache, first: torch.Tensor, plans: List[dict],
                 done[b] = True
         if all(done):
             break
+        for r in [r for r in live if all(done[r * run_rows:(r + 1) * run_rows])]:
+            cache.freeze(r)
+            live.remove(r)
     return gen, nll
 
 
@@ -300,7 +316,8 @@ def evaluate(model, tokenizer, samples: Sequence[Sample], calibration: Calibrati
              ppl_tokens: int = 16, progress=None,
              window_plans: Optional[Dict[str, Dict[str, object]]] = None,
              prefill: Sequence[str] = ("dense",), prefill_options: Optional[dict] = None,
-             prefill_decode: str = "ab-mean") -> EvalResult:
+             prefill_decode: str = "ab-mean", rows_per_pass: int = ROWS_PER_PASS,
+             workers: Optional[int] = 1) -> EvalResult:
     """Evaluate ``dense`` and ``methods`` at every budget on ``samples`` (see module docstring).
 
     ``prefill``: prefill modes; the sparse ones (not ``dense``) are evaluated as ``MODE+dense``
@@ -314,8 +331,14 @@ def evaluate(model, tokenizer, samples: Sequence[Sample], calibration: Calibrati
     ``window_plans``: ``{method: {budget_key: MoAPlan}}``, decoded through ``absparse.moa.attach``
     on a dense-layout cache (no summaries); their records carry ``kv_tokens_read`` (mean keys
     attended per KV head at the prompt length).
+    ``rows_per_pass``: rows per decode forward pass: the runs of a batch are decoded together,
+    ``max(1, rows_per_pass // batch rows)`` at a time (:mod:`absparse.eval.decode_runs`).
+    ``workers``: processes the batches are spread over (:func:`absparse.eval.workers.
+    resolve_workers`; None: one per CPU core). The records do not depend on it.
     """
-    from ..hf import AbsparseCache, PrefillConfig, register
+    from ..hf import PrefillConfig, register
+    from .decode_runs import Run
+    from .workers import map_items, resolve_workers
 
     register()
     model.set_attn_implementation("absparse")
@@ -338,31 +361,39 @@ def evaluate(model, tokenizer, samples: Sequence[Sample], calibration: Calibrati
              parse_method(prefill_decode).layout(calibration, budgets[0], avg_block_size)) \
         if sparse_prefills else None  # only sparse prefills decode with it
     eos = tokenizer.eos_token_id
-    batches = _batches(samples, batch_size)
-    records: List[dict] = []
-    stats: Dict[str, Dict[str, dict]] = defaultdict(dict)
-    t0 = time.perf_counter()
-    for idx in batches:
+    runs = [_run("dense", None, None)] + [_run(s.name, b, layouts[f"{s.name}@{budget_key(b)}"])
+                                          for b in budgets for s in specs]
+    runs += [Run(m, b, plan=window_plans[m][budget_key(b)])
+             for b in budgets for m in window_plans or {}]
+
+    def batch(idx: List[int], progress):
+        """One batch -> (records, selection statistics, seconds per context length)."""
+        records: List[dict] = []
+        stats: Dict[str, Dict[str, dict]] = defaultdict(dict)
+        # Seconds per context length: dense prefills, and the decode runs (a batch's time shared
+        # equally by its rows).
+        timing: Dict[int, Dict[str, float]] = defaultdict(
+            lambda: {"samples": 0, "prefill_s": 0.0, "decode_s": 0.0})
         plans, bases, firsts = [], [], []
         for i in idx:
             s = samples[i]
             ids, forced = _prompt_ids(tokenizer, s, ppl_tokens)
+            t = time.perf_counter()
             bases.append(_prefill(model, ids[:, :-1], page_size))
+            timing[s.length]["samples"] += 1
+            timing[s.length]["prefill_s"] += time.perf_counter() - t
             firsts.append(int(ids[0, -1]))
             plans.append({"forced": forced, "prompt_tokens": ids.shape[1],
                           "steps": len(forced) if forced is not None else s.max_new_tokens})
         if progress is not None:
             progress.advance("prefill", sum(p["prompt_tokens"] - 1 for p in plans))
         first = torch.tensor(firsts)
-        runs = [("dense", None, None)] + [(s.name, b, layouts[f"{s.name}@{budget_key(b)}"])
-                                          for b in budgets for s in specs]
-        runs += [(m, b, None) for b in budgets for m in window_plans or {}]
-        for name, budget, layout in runs:
-            plan = (window_plans or {}).get(name, {}).get(budget_key(budget)) \
-                if budget is not None else None
-            records += _decode_run(model, tokenizer, samples, idx, bases, first, plans, eos, name,
-                                   budget, layout, sink_tokens, local_tokens, group_reduce,
-                                   stats, progress, plan)
+        t = time.perf_counter()
+        records += _decode_runs(model, tokenizer, samples, idx, bases, first, plans, eos, runs,
+                                sink_tokens, local_tokens, group_reduce, stats, progress,
+                                rows_per_pass)
+        for i in idx:
+            timing[samples[i].length]["decode_s"] += (time.perf_counter() - t) / len(idx)
         for cfg in sparse_prefills:
             ids_list = [_prompt_ids(tokenizer, samples[i], ppl_tokens)[0] for i in idx]
             sparse_bases = [_prefill(model, ids[:, :-1], page_size, cfg) for ids in ids_list]
@@ -370,16 +401,36 @@ def evaluate(model, tokenizer, samples: Sequence[Sample], calibration: Calibrati
                        for c in sparse_bases]
             if progress is not None:
                 progress.advance("prefill", sum(p["prompt_tokens"] - 1 for p in plans))
-            for name, budget, layout in ((f"{cfg.mode}+dense", None, None),
-                                         (f"{cfg.mode}+{combo[0]}",) + combo[1:]):
-                recs = _decode_run(model, tokenizer, samples, idx, sparse_bases, first, plans,
-                                   eos, name, budget, layout, sink_tokens, local_tokens,
-                                   group_reduce, stats, progress)
-                for j, rec in enumerate(recs):
-                    rec.update(prefill=cfg.mode, prefill_density=density[j])
-                records += recs
+            recs = _decode_runs(model, tokenizer, samples, idx, sparse_bases, first, plans, eos,
+                                [_run(f"{cfg.mode}+dense", None, None),
+                                 _run(f"{cfg.mode}+{combo[0]}", *combo[1:])], sink_tokens,
+                                local_tokens, group_reduce, stats, progress, rows_per_pass)
+            for n, rec in enumerate(recs):
+                rec.update(prefill=cfg.mode, prefill_density=density[n % len(idx)])
+            records += recs
+        return records, dict(stats), dict(timing)
+
+    t0 = time.perf_counter()
+    batches = _batches(samples, batch_size)
+    workers = resolve_workers(workers, len(batches), model.device)
+    records: List[dict] = []
+    stats: Dict[str, Dict[str, dict]] = defaultdict(dict)
+    timing: Dict[int, Dict[str, float]] = {}
+    for recs, st, tm in map_items(batch, batches, workers, progress):
+        records += recs
+        for name, per in st.items():
+            for bkey, counts in per.items():
+                acc = stats[name].setdefault(bkey, {"selected": 0, "differ": 0})
+                acc["selected"] += counts["selected"]
+                acc["differ"] += counts["differ"]
+        for n, t in tm.items():
+            acc = timing.setdefault(n, {"samples": 0, "prefill_s": 0.0, "decode_s": 0.0})
+            for k, v in t.items():
+                acc[k] += v
     layouts_by_method = {s.name: layouts[f"{s.name}@{budget_key(budgets[0])}"] for s in specs}
     meta = {"eval_seconds": round(time.perf_counter() - t0, 1), "samples": len(samples),
+            "decode_runs": len(runs), "workers": workers,
+            "timing": {n: {k: round(v, 1) for k, v in t.items()} for n, t in timing.items()},
             "avg_block_size": avg_block_size, "sink_tokens": sink_tokens,
             "local_tokens": local_tokens, "group_reduce": group_reduce, "page_size": page_size,
             "summary_kib_per_1k": {k: summary_kib_per_1k(v, head_dim) for k, v in layouts.items()},
@@ -397,43 +448,54 @@ def _mean(xs: Sequence[float]) -> Optional[float]:
     return sum(xs) / len(xs) if xs else None
 
 
-def _decode_run(model, tokenizer, samples, idx, bases, first, plans, eos, name, budget, layout,
-                sink_tokens, local_tokens, group_reduce, stats, progress,
-                plan=None) -> List[dict]:
-    """One decode run of a batch (``bases``: its prefilled caches) -> its records. ``plan``: a
-    MoAPlan served through ``absparse.moa.attach`` (windows instead of selection)."""
-    from ..hf import AbsparseCache
+def _run(name: str, budget, layout: Optional[ModelLayout]):
+    """The :class:`~absparse.eval.decode_runs.Run` of a method (``layout`` None: dense).
+    Selection disagreement is measured for the integer summary formats, against fp32 summaries
+    of the same layout."""
+    from .decode_runs import Run
 
     fmt = None if layout is None else next(l.format for l in layout.layers if l is not None)
-    # Selection disagreement is measured for the integer summary formats.
-    compare = "fp32" if fmt is not None and fmt.startswith("int") else None
-    cache = AbsparseCache.stack(bases, layout, None if plan else budget, sink_tokens,
-                                local_tokens, group_reduce, compare_format=compare)
-    if plan is not None:
-        from ..moa import attach
-        attach(cache, plan)
-    gen, nll = _decode(model, cache, first, plans, eos)
-    bkey = None if budget is None else budget_key(budget)
-    if compare is not None:
-        st = stats[name].setdefault(bkey, {"selected": 0, "differ": 0})
-        for layer in cache.layers:
-            st["selected"] += layer.stats["selected"]
-            st["differ"] += layer.stats["differ"]
+    return Run(name, budget, layout,
+               compare_format="fp32" if fmt is not None and fmt.startswith("int") else None)
+
+
+def _decode_runs(model, tokenizer, samples, idx, bases, first, plans, eos, runs, sink_tokens,
+                 local_tokens, group_reduce, stats, progress, rows_per_pass: int) -> List[dict]:
+    """Every run of a batch (``bases``: its prefilled caches) -> their records, run by run. The
+    runs are decoded together, as many per forward pass as fit in ``rows_per_pass`` rows (at
+    least one), over one copy of the prefill (:mod:`absparse.eval.decode_runs`)."""
+    from .decode_runs import BatchPool
+
+    rows = len(idx)
+    steps = max(p["steps"] for p in plans)
+    pool = BatchPool(bases, runs, steps, rows_per_pass // rows, sink_tokens, local_tokens,
+                     group_reduce)
     records = []
-    for j, i in enumerate(idx):
-        s = samples[i]
-        rec = {"id": s.id, "task": s.task, "length": s.length, "depth": s.depth,
-               "prompt_tokens": plans[j]["prompt_tokens"], "method": name, "budget": bkey}
-        if plan is not None:
-            rec["kv_tokens_read"] = plan.tokens_read(plans[j]["prompt_tokens"])
-        if s.task == "ppl":
-            rec.update(nll=nll[j], tokens=len(plans[j]["forced"]))
-        else:
-            text = tokenizer.decode(gen[j], skip_special_tokens=True)
-            rec.update(score=score_output(s, text), output=text)
-        records.append(rec)
-    if progress is not None:
-        progress.advance("decode", len(idx) * max(p["steps"] for p in plans))
+    for cache in pool.passes():
+        n = len(cache.runs)
+        gen, nll = _decode(model, cache, first.repeat(n), plans * n, eos, run_rows=rows)
+        for r, (run, run_cache) in enumerate(zip(cache.runs, cache.caches)):
+            bkey = None if run.budget is None else budget_key(run.budget)
+            if run.compare_format is not None:
+                st = stats[run.name].setdefault(bkey, {"selected": 0, "differ": 0})
+                for layer in run_cache.layers:
+                    st["selected"] += layer.stats["selected"]
+                    st["differ"] += layer.stats["differ"]
+            for j, i in enumerate(idx):
+                s = samples[i]
+                rec = {"id": s.id, "task": s.task, "length": s.length, "depth": s.depth,
+                       "prompt_tokens": plans[j]["prompt_tokens"], "method": run.name,
+                       "budget": bkey}
+                if run.plan is not None:
+                    rec["kv_tokens_read"] = run.plan.tokens_read(plans[j]["prompt_tokens"])
+                if s.task == "ppl":
+                    rec.update(nll=nll[r * rows + j], tokens=len(plans[j]["forced"]))
+                else:
+                    text = tokenizer.decode(gen[r * rows + j], skip_special_tokens=True)
+                    rec.update(score=score_output(s, text), output=text)
+                records.append(rec)
+            if progress is not None:
+                progress.advance("decode", rows * steps)
     return records
 
 

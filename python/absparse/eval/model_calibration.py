@@ -274,12 +274,15 @@ def calibrate(model, tokenizer, num_samples: int = 8, length: int = 2048,
               candidates: Sequence[int] = (8, 16, 32, 64), summaries: Sequence[str] = SUMMARIES,
               num_probes: int = 32, sink_tokens: int = 16, local_tokens: int = 64,
               group_reduce: str = "max", page_size: int = 64, seed: int = 0,
-              progress=None) -> Calibration:
+              progress=None, workers: Optional[int] = 1) -> Calibration:
     """Calibrate on ``num_samples`` generated texts of ``length`` tokens (see module docstring).
 
-    ``progress`` is an optional tqdm-like object updated once per sample.
+    ``progress`` is an optional tqdm-like object updated once per sample. ``workers``: processes
+    the samples are spread over (:func:`absparse.eval.workers.resolve_workers`; None: one per CPU
+    core); the result does not depend on it (the samples' tables are combined in sample order).
     """
     from .tasks import calibration_texts
+    from .workers import map_items, resolve_workers
 
     candidates = sorted(int(c) for c in candidates)
     if page_size % max(candidates):
@@ -287,29 +290,43 @@ def calibrate(model, tokenizer, num_samples: int = 8, length: int = 2048,
                          f"{max(candidates)}, got {page_size}")
     count = lambda s: len(tokenizer(s, add_special_tokens=False).input_ids)
     samples = calibration_texts(count, num_samples, length, seed)
-    recall: Dict[str, Dict[str, torch.Tensor]] = {s: {} for s in summaries}
-    ranges: Dict[str, torch.Tensor] = {}
-    t0 = time.perf_counter()
-    for sample in samples:
+
+    def tables(sample, tick):
+        """One sample -> ({summary: ranges [L, Hk, C, 2, D]}, {summary: {budget key: recall
+        [L, Hk, C]}})."""
         ids = tokenizer(sample.prompt, return_tensors="pt", add_special_tokens=False).input_ids
         ids = ids[:, :length]
         positions = probe_positions(ids.shape[1], num_probes)
         layers, scales = capture_qk(model, ids, positions)
+        ranges = {s: torch.stack([_summary_ranges(k, candidates, s) for _, k in layers])
+                  for s in summaries}
+        recall = {s: {budget_key(b): torch.stack([
+            head_recall(q, k, positions, b, candidates, sink_tokens, local_tokens, s,
+                        group_reduce, sc) for (q, k), sc in zip(layers, scales)])
+            for b in budgets} for s in summaries}
+        if tick is not None:
+            tick.advance("samples", 1)
+        return ranges, recall
+
+    class _Tick:  # map_items reports advance(kind, n); the bar counts samples
+        def advance(self, kind, n):
+            progress.update(n)
+
+    recall: Dict[str, Dict[str, torch.Tensor]] = {s: {} for s in summaries}
+    ranges: Dict[str, torch.Tensor] = {}
+    t0 = time.perf_counter()
+    workers = resolve_workers(workers, len(samples), model.device)
+    for per_ranges, per_recall in map_items(tables, samples, workers,
+                                            None if progress is None else _Tick()):
         for s in summaries:
-            per_layer = torch.stack([_summary_ranges(k, candidates, s) for _, k in layers])
+            per_layer = per_ranges[s]
             if s in ranges:
                 ranges[s][:, :, :, 0] = torch.minimum(ranges[s][:, :, :, 0], per_layer[:, :, :, 0])
                 ranges[s][:, :, :, 1] = torch.maximum(ranges[s][:, :, :, 1], per_layer[:, :, :, 1])
             else:
                 ranges[s] = per_layer
-            for b in budgets:
-                r = torch.stack([head_recall(q, k, positions, b, candidates, sink_tokens,
-                                             local_tokens, s, group_reduce, sc)
-                                 for (q, k), sc in zip(layers, scales)])   # [L, Hk, C]
-                key = budget_key(b)
+            for key, r in per_recall[s].items():
                 recall[s][key] = recall[s].get(key, 0) + r / len(samples)
-        if progress is not None:
-            progress.update(1)
     meta = {"calibration_samples": num_samples, "calibration_length": length,
             "calibration_seed": seed, "probes": num_probes, "sink_tokens": sink_tokens,
             "local_tokens": local_tokens, "group_reduce": group_reduce,

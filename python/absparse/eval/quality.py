@@ -308,12 +308,15 @@ def quality_pairs(methods: Sequence[str]) -> Dict[str, Dict[str, str]]:
 def measure_quality(model, tokenizer, calibration, docs: Sequence[dict], budgets: Sequence,
                     methods: Sequence[str] = QUALITY_METHODS, num_probes: int = 64,
                     avg_block_size: int = 32, sink_tokens: int = 16, local_tokens: int = 64,
-                    group_reduce: str = "max", progress: Optional[Callable[[int], None]] = None
-                    ) -> QualityResult:
+                    group_reduce: str = "max", progress: Optional[Callable[[int], None]] = None,
+                    workers: Optional[int] = 1) -> QualityResult:
     """Run the study (see the module docstring). Layouts are built exactly as ``absparse eval``
     builds them (:meth:`MethodSpec.layout` on ``calibration``); ``progress(1)`` after each
-    document."""
+    document. ``workers``: processes the documents are spread over
+    (:func:`absparse.eval.workers.resolve_workers`; None: one per CPU core); the values do not
+    depend on it."""
     from .evaluation import parse_method
+    from .workers import map_items, resolve_workers
 
     specs = [parse_method(m) for m in methods]
     pairs = quality_pairs(methods)
@@ -322,14 +325,12 @@ def measure_quality(model, tokenizer, calibration, docs: Sequence[dict], budgets
                for b in budgets for s in specs}
     num_layers = calibration.num_layers
     bkeys = [budget_key(b) for b in budgets]
-    nan = lambda: torch.full((len(docs), num_layers), math.nan, dtype=torch.float64)
-    values = {m: {b: {k: nan() for k in METRICS} for b in bkeys} for m in methods}
-    t0 = time.perf_counter()
-    probes_total = 0
-    for di, doc in enumerate(docs):
+
+    def document(doc, tick):
+        """One document -> ({(method, budget key, metric, layer): mean}, probes)."""
         T = doc["ids"].shape[1]
         positions = quality_probe_positions(T, num_probes)
-        probes_total += positions.numel()
+        out = {}
         layers = capture_qkv(model, doc["ids"], positions)
         for li, (q, k, v, sc) in enumerate(layers):
             dense = None
@@ -343,11 +344,27 @@ def measure_quality(model, tokenizer, calibration, docs: Sequence[dict], budgets
                 dense = res.pop("_dense")
                 for m, r in res.items():
                     for metric, x in r.items():
-                        values[m][bk][metric][di, li] = float(x.mean())
-        if progress is not None:
-            progress(1)
+                        out[(m, bk, metric, li)] = float(x.mean())
+        if tick is not None:
+            tick.advance("documents", 1)
+        return out, positions.numel()
+
+    class _Tick:  # map_items reports advance(kind, n); the caller counts documents
+        def advance(self, kind, n):
+            progress(n)
+
+    nan = lambda: torch.full((len(docs), num_layers), math.nan, dtype=torch.float64)
+    values = {m: {b: {k: nan() for k in METRICS} for b in bkeys} for m in methods}
+    t0 = time.perf_counter()
+    probes_total = 0
+    workers = resolve_workers(workers, len(docs), model.device)
+    for di, (out, probes) in enumerate(map_items(document, docs, workers,
+                                                 None if progress is None else _Tick())):
+        probes_total += probes
+        for (m, bk, metric, li), x in out.items():
+            values[m][bk][metric][di, li] = x
     meta = {"seconds": round(time.perf_counter() - t0, 1), "num_docs": len(docs),
-            "probes_per_doc": num_probes, "probes_total": probes_total,
+            "probes_per_doc": num_probes, "probes_total": probes_total, "workers": workers,
             "doc_length": int(docs[0]["ids"].shape[1]) if docs else 0,
             "avg_block_size": avg_block_size, "sink_tokens": sink_tokens,
             "local_tokens": local_tokens, "group_reduce": group_reduce,
@@ -574,14 +591,15 @@ def _run(args, argv) -> int:
 
     res = measure_quality(model, tok, cal, docs, args.budgets_list, args.methods_list,
                           args.quality_probes, args.avg_block_size, args.sink_tokens,
-                          args.local_tokens, args.group_reduce, progress)
+                          args.local_tokens, args.group_reduce, progress, args.workers)
     res.meta["title"] = f"{src.name}: attention recall vs budget"
     header = "\n".join([
         f"# absparse selection quality: {src.name}", "",
         f"- date: {datetime.date.today().isoformat()}",
         f"- device: {_device_description(str(model.device))}",
         f"- command: `absparse quality {' '.join(shlex.quote(a) for a in argv)}`",
-        f"- wall time: {time.perf_counter() - started:.0f} s (measurement {res.meta['seconds']} s)",
+        f"- wall time: {time.perf_counter() - started:.0f} s (measurement {res.meta['seconds']} s "
+        f"in {res.meta['workers']} worker process(es))",
         f"- calibration: {cal.meta.get('calibration_samples')} x "
         f"{cal.meta.get('calibration_length')} tokens of chronicle text (seeds and text disjoint "
         f"from these documents), budgets {', '.join(budget_key(b) for b in cal.budgets)}",
