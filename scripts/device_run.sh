@@ -6,7 +6,7 @@
 #   STEPS="quick sanitizer ncu bench" bash scripts/device_run.sh
 #
 # Steps (in this order; skipped when fewer seconds than they need are left of BUDGET_S):
-#   quick      GPU tests, quick tier (tests/test_gpu.py, tests/test_cuda_validation.py)  tests.log
+#   quick      GPU tests, quick tier (tests/test_gpu*.py, tests/test_cuda_validation.py) tests.log
 #   full       GPU tests, full tier                                                       tests.log
 #   sanitizer  compute-sanitizer memcheck (smoke + 4 small decode cases, 3 prefill cases) and
 #              racecheck (decode smoke, one prefill case)                                sanitizer.log
@@ -15,6 +15,8 @@
 #              8K, every causal block                                                      ncu.txt
 #   bench      bench/decode_bench.py (BENCH_ARGS, default --quick)     bench.log, decode_bench.json
 #   prefill    bench/prefill_bench.py (PREFILL_ARGS, default --quick)  bench.log, prefill_bench.json
+#   masks      bench/prefill_masks_bench.py, FlexPrefill / PBS-Attn mask building beside dense SDPA
+#              (MASKS_ARGS, default: 32K and 128K)            bench.log, prefill_masks_bench.json
 #   moa        bench/moa_bench.py (MoA window decode, MOA_ARGS)          bench.log, moa_bench.json
 #   serve      GPU tests of the decode loop (tests/test_runner.py -k cuda), then bench/e2e_bench.py
 #              (E2E_ARGS, default --quick)                        tests.log, bench.log, e2e_bench.json
@@ -104,8 +106,9 @@ assert absparse._C.has_cuda and torch.cuda.is_available()" || exit 1
 
 export PYTHONUNBUFFERED=1
 if want quick; then
-  step quick tests.log 60 240 "$PY" -m pytest tests/test_gpu.py tests/test_cuda_validation.py \
-    tests/test_gpu_prefill.py tests/test_sparse_prefill.py::test_devices \
+  step quick tests.log 60 330 "$PY" -m pytest tests/test_gpu.py tests/test_cuda_validation.py \
+    tests/test_gpu_prefill.py tests/test_gpu_prefill_masks.py \
+    tests/test_sparse_prefill.py::test_devices \
     tests/test_moa.py::test_windows_on_the_gpu \
     -q -ra -m "not full" -p no:cacheprovider --durations=10 ${PYTEST_ARGS:-}
 fi
@@ -161,6 +164,11 @@ fi
 if want prefill; then
   step prefill bench.log 60 240 "$PY" bench/prefill_bench.py ${PREFILL_ARGS:---quick} \
     --json "$OUT/prefill_bench.json"
+fi
+
+if want masks; then
+  step masks bench.log 60 300 "$PY" bench/prefill_masks_bench.py ${MASKS_ARGS:-} \
+    --json "$OUT/prefill_masks_bench.json"
 fi
 
 if want moa; then

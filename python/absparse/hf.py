@@ -38,8 +38,9 @@ every mode). The batch ``[B, Hq, S, D]`` is packed to the varlen format ``q [B*S
 
 Every non-dense prefill records per layer the attained block density (listed / causal blocks, per
 sequence and list head): ``PagedLayer.prefill_density``, averaged by
-:meth:`AbsparseCache.prefill_densities`. The mask builders have CPU kernels only so far: for CUDA
-tensors they run on CPU copies (a host round trip) and the lists go back to the device.
+:meth:`AbsparseCache.prefill_densities`. The mask builders run on the tensors' device: for CUDA
+tensors the whole prefill (lists, permutation, attention) stays on the GPU with no host round
+trip (the density stays there too until ``prefill_densities`` reads it).
 
 The cache needs the "absparse" attention implementation: a decode step hands the attention
 function only the new token (the rest is in the pages), so ``update`` raises if the previous decode
@@ -540,8 +541,8 @@ def _block_sparse_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.T
     """Causal prefill attention over the block lists of ``cfg.mode`` (not ``dense``).
 
     query ``[B, Hq, S, D]``, key/value ``[B, Hk, S, D]`` -> (out ``[B, S, Hq, D]`` in query's
-    dtype, density float32 ``[B, H]`` on the CPU). The CPU reference computes in float32 inputs
-    (float64 inside): other dtypes are converted there and the output converted back.
+    dtype, density float32 ``[B, H]`` on query's device). The CPU reference computes in float32
+    inputs (float64 inside): other dtypes are converted there and the output converted back.
     """
     batch, _, steps, _ = query.shape
     dtype, device = query.dtype, query.device
@@ -552,19 +553,19 @@ def _block_sparse_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.T
     positions = None
     if cfg.mode == "causal":
         idx, cnt = dense_causal_block_lists(cu, bs, bs, k.shape[1])
-        density = torch.ones(cnt.shape[:2])
+        density = torch.ones(cnt.shape[:2], device=device)
     else:
-        # The mask builders run on the CPU (no CUDA builders yet): lists computed there.
-        qc, kc, vc, cuc = (x.cpu() for x in (q, k, v, cu))
+        # The mask builders run where the tensors are (CUDA: on the current stream, no host
+        # round trip; every sequence has `steps` tokens, so max_len is known).
         if cfg.mode == "flexprefill":
-            idx, cnt, info = flexprefill_mask(qc, kc, cuc, bs, cfg.gamma, cfg.tau, cfg.min_budget,
-                                              cfg.max_budget, scaling)
+            idx, cnt, info = flexprefill_mask(q, k, cu, bs, cfg.gamma, cfg.tau, cfg.min_budget,
+                                              cfg.max_budget, scaling, max_len=steps)
         else:  # pbs: attention over a permuted copy; the cache keeps the original order
-            kc, vc, positions = pbs_permute(qc, kc, vc, cuc, bs, cfg.segment_size, scaling)
-            idx, cnt, info = pbs_mask(qc, kc, cuc, positions, bs, cfg.segment_size,
-                                      cfg.threshold, True, scaling)
-            k, v, positions = kc.to(device), vc.to(device), positions.to(device)
-        idx, cnt, density = idx.to(device), cnt.to(device), info["density"]
+            k, v, positions = pbs_permute(q, k, v, cu, bs, cfg.segment_size, scaling,
+                                          max_len=steps)
+            idx, cnt, info = pbs_mask(q, k, cu, positions, bs, cfg.segment_size, cfg.threshold,
+                                      True, scaling, max_len=steps)
+        density = info["density"]
     out = sparse_prefill(q, k, v, cu, idx, cnt, bs, bs, key_positions=positions, scale=scaling)
     return out.reshape(batch, steps, *out.shape[1:]).to(dtype), density
 

@@ -9,8 +9,13 @@ layout): ``q [T, Hq, D]``, ``k, v [T, Hk, D]``, ``cu_seqlens`` int32 ``[B + 1]``
 
 Algorithms, the deviations from the original systems and the defaults: ``docs/prefill_masks.md``.
 Every function validates its arguments in the native layer (``ValueError`` naming the argument,
-the expected and the actual value). CPU tensors only for now (the CUDA kernels are to come): a
-CUDA tensor raises ``ValueError``.
+the expected and the actual value). CPU tensors run the float64 reference; CUDA tensors (builds
+with the kernels) run the CUDA implementations on the current stream, with outputs allocated on
+the inputs' device and no host synchronisation, except where noted: the output shapes of the
+block-list builders and of ``last_block_attention`` / ``block_pool`` / ``pooled_block_scores``
+depend on ``max_len``, which a CUDA caller should pass (it is read from ``cu_seqlens`` otherwise:
+one device-to-host copy). The CUDA rules and where they differ from the reference:
+``docs/prefill_masks.md`` ("CUDA path").
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import _C
+from .ops import _cuda_stream
 
 __all__ = ["last_block_attention", "vertical_slash_sums", "block_pool", "pooled_block_scores",
            "js_distance", "coverage_select", "flexprefill_mask", "pbs_permute", "pbs_mask"]
@@ -62,12 +68,29 @@ def _scale(q: torch.Tensor, scale: Optional[float], fn: str) -> float:
     return _real(scale, fn, "scale")
 
 
-def _max_len(cu_seqlens, fn: str) -> int:
-    """max_b L_b read from cu_seqlens (its values are validated by the native layer)."""
+def _max_len(cu_seqlens, fn: str, max_len: Optional[int] = None) -> int:
+    """The caller's max_len, else max_b L_b read from cu_seqlens (its values are validated by
+    the native layer on the CPU; for a CUDA tensor this copies to the host, which synchronizes).
+    On the GPU a max_len below the true maximum truncates the longer sequences (no
+    out-of-bounds access); on the CPU it raises."""
+    if max_len is not None:
+        if isinstance(max_len, bool) or not isinstance(max_len, numbers.Integral) \
+                or not 0 <= max_len < 2 ** 31:
+            raise ValueError(f"{fn}: max_len: expected an int in [0, 2^31), got {max_len!r}")
+        return int(max_len)
     cu = _tensor(cu_seqlens, fn, "cu_seqlens")
-    if cu.dim() != 1 or cu.shape[0] < 2 or cu.is_cuda or cu.dtype != torch.int32:
+    if cu.dim() != 1 or cu.shape[0] < 2 or cu.dtype != torch.int32:
         return 0  # the native layer names what is wrong
     return max(int((cu[1:].to(torch.int64) - cu[:-1].to(torch.int64)).max()), 0)
+
+
+def _device(x) -> torch.device:
+    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+
+
+def _stream(x) -> int:
+    """The current CUDA stream of x's device (0 for CPU tensors)."""
+    return _cuda_stream(x) if isinstance(x, torch.Tensor) and x.is_cuda else 0
 
 
 def _batch(cu_seqlens) -> int:
@@ -78,16 +101,18 @@ def _heads(x: torch.Tensor, dim: int) -> int:
     return x.shape[dim] if x.dim() > dim else 0
 
 
-def _lists(cu_seqlens, heads: int, block_size: int, fn: str):
-    nq = -(-_max_len(cu_seqlens, fn) // block_size)
+def _lists(cu_seqlens, heads: int, block_size: int, fn: str, max_len: Optional[int],
+           device: torch.device):
+    nq = -(-_max_len(cu_seqlens, fn, max_len) // block_size)
     b = _batch(cu_seqlens)
-    return (torch.empty(b, heads, nq, nq, dtype=torch.int32),
-            torch.empty(b, heads, nq, dtype=torch.int32), torch.empty(b, heads))
+    return (torch.empty(b, heads, nq, nq, dtype=torch.int32, device=device),
+            torch.empty(b, heads, nq, dtype=torch.int32, device=device),
+            torch.empty(b, heads, device=device))
 
 
 def last_block_attention(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor,
                          block_size: int = 128, scale: Optional[float] = None,
-                         group_mean: bool = False) -> torch.Tensor:
+                         group_mean: bool = False, max_len: Optional[int] = None) -> torch.Tensor:
     """Exact causal attention probabilities of the last ``block_size`` queries of each sequence.
 
     Row ``r < n_b = min(block_size, L_b)`` is the query at position ``t = L_b - n_b + r``:
@@ -99,6 +124,7 @@ def last_block_attention(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Ten
     cu_seqlens : int32 [B + 1], 0 = cu[0] <= ... <= cu[B] = T
     group_mean : False: one row set per query head (H = Hq); True: the mean over each KV head's
         G = Hq / Hk query heads (H = Hk)
+    max_len : the width of probs (>= max_b L_b); default: read from cu_seqlens
 
     Returns
     -------
@@ -115,9 +141,10 @@ def last_block_attention(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Ten
     fn = "last_block_attention"
     block_size = _positive_int(block_size, fn, "block_size")
     heads = _heads(k, 1) if group_mean else _heads(q, 1)
-    probs = torch.empty(_batch(cu_seqlens), heads, block_size, _max_len(cu_seqlens, fn))
+    probs = torch.empty(_batch(cu_seqlens), heads, block_size,
+                        _max_len(cu_seqlens, fn, max_len), device=_device(q))
     _C.last_block_attention(q, k, cu_seqlens, block_size, _scale(q, scale, fn), bool(group_mean),
-                            probs)
+                            probs, _stream(q))
     return probs
 
 
@@ -146,21 +173,23 @@ def vertical_slash_sums(probs: torch.Tensor,
     >>> round(v.sum().item(), 5), round(s.sum().item(), 5)
     (1.0, 1.0)
     """
-    vertical = torch.empty(probs.shape[0], probs.shape[1], probs.shape[-1]) if probs.dim() == 4 \
-        else torch.empty(0)
+    probs = _tensor(probs, "vertical_slash_sums", "probs")
+    vertical = torch.empty(probs.shape[0], probs.shape[1], probs.shape[-1], device=probs.device) \
+        if probs.dim() == 4 else torch.empty(0, device=probs.device)
     slash = torch.empty_like(vertical)
-    _C.vertical_slash_sums(_tensor(probs, "vertical_slash_sums", "probs"), cu_seqlens, vertical,
-                           slash)
+    _C.vertical_slash_sums(probs, cu_seqlens, vertical, slash, _stream(probs))
     return vertical, slash
 
 
-def block_pool(x: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int = 128) -> torch.Tensor:
+def block_pool(x: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int = 128,
+               max_len: Optional[int] = None) -> torch.Tensor:
     """Mean of each block of ``block_size`` rows of every sequence (a partial last block: the
     mean of its actual rows).
 
     Parameters
     ----------
     x : [T, H, D] float32 / float16 / bfloat16; cu_seqlens : int32 [B + 1]
+    max_len : >= max_b L_b (sets Nb); default: read from cu_seqlens
 
     Returns
     -------
@@ -174,16 +203,18 @@ def block_pool(x: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int = 128)
     """
     fn = "block_pool"
     block_size = _positive_int(block_size, fn, "block_size")
-    nb = -(-_max_len(cu_seqlens, fn) // block_size)
+    nb = -(-_max_len(cu_seqlens, fn, max_len) // block_size)
     x = _tensor(x, fn, "x")
-    pooled = torch.empty(_batch(cu_seqlens), _heads(x, 1), nb, x.shape[-1] if x.dim() else 0)
-    _C.block_pool(x, cu_seqlens, block_size, pooled)
+    pooled = torch.empty(_batch(cu_seqlens), _heads(x, 1), nb, x.shape[-1] if x.dim() else 0,
+                         device=x.device)
+    _C.block_pool(x, cu_seqlens, block_size, pooled, _stream(x))
     return pooled
 
 
 def pooled_block_scores(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor,
                         block_size: int = 128, segment_size: int = 0,
-                        scale: Optional[float] = None, group_mean: bool = False) -> torch.Tensor:
+                        scale: Optional[float] = None, group_mean: bool = False,
+                        max_len: Optional[int] = None) -> torch.Tensor:
     """Softmax over key blocks of the pooled logits ``scale * mean(Q_i) . mean(K_j)``.
 
     The softmax of query block ``i`` runs over the allowed key blocks ``j``: ``j <= i``
@@ -196,6 +227,7 @@ def pooled_block_scores(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tens
     q : [T, Hq, D]; k : [T, Hk, D]; cu_seqlens : int32 [B + 1]
     segment_size : 0 or a positive multiple of block_size
     group_mean : False: H = Hq; True: H = Hk, each row the mean of the group's softmax rows
+    max_len : >= max_b L_b (sets Nb); default: read from cu_seqlens
 
     Returns
     -------
@@ -211,11 +243,11 @@ def pooled_block_scores(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tens
     fn = "pooled_block_scores"
     block_size = _positive_int(block_size, fn, "block_size")
     segment_size = _non_negative_int(segment_size, fn, "segment_size")
-    nb = -(-_max_len(cu_seqlens, fn) // block_size)
+    nb = -(-_max_len(cu_seqlens, fn, max_len) // block_size)
     heads = _heads(k, 1) if group_mean else _heads(q, 1)
-    scores = torch.empty(_batch(cu_seqlens), heads, nb, nb)
+    scores = torch.empty(_batch(cu_seqlens), heads, nb, nb, device=_device(q))
     _C.pooled_block_scores(q, k, cu_seqlens, block_size, min(segment_size, 2**31 - 1),
-                           _scale(q, scale, fn), bool(group_mean), scores)
+                           _scale(q, scale, fn), bool(group_mean), scores, _stream(q))
     return scores
 
 
@@ -242,8 +274,8 @@ def js_distance(p: torch.Tensor, q: torch.Tensor,
     tensor([0.0000, 0.8326])
     """
     p = _tensor(p, "js_distance", "p")
-    out = torch.empty(p.shape[0] if p.dim() else 0)
-    _C.js_distance(p, q, lengths, out)
+    out = torch.empty(p.shape[0] if p.dim() else 0, device=p.device)
+    _C.js_distance(p, q, lengths, out, _stream(p))
     return out
 
 
@@ -277,16 +309,16 @@ def coverage_select(scores: torch.Tensor, gamma: float, lengths: Optional[torch.
     if isinstance(forced, torch.Tensor) and forced.dtype == torch.bool:
         forced = forced.to(torch.uint8)
     rows, n = (scores.shape[0], scores.shape[1]) if scores.dim() == 2 else (0, 0)
-    indices = torch.empty(rows, n, dtype=torch.int32)
-    counts = torch.empty(rows, dtype=torch.int32)
-    _C.coverage_select(scores, gamma, lengths, forced, indices, counts)
+    indices = torch.empty(rows, n, dtype=torch.int32, device=scores.device)
+    counts = torch.empty(rows, dtype=torch.int32, device=scores.device)
+    _C.coverage_select(scores, gamma, lengths, forced, indices, counts, _stream(scores))
     return indices, counts
 
 
 def flexprefill_mask(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor,
                      block_size: int = 128, gamma: float = 0.9, tau: float = 0.1,
                      min_budget: int = 1024, max_budget: Optional[int] = None,
-                     scale: Optional[float] = None
+                     scale: Optional[float] = None, max_len: Optional[int] = None
                      ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
     """FlexPrefill's block lists, per sequence and query head (H = Hq).
 
@@ -309,6 +341,7 @@ def flexprefill_mask(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor,
     gamma : coverage in (0, 1]; tau : pattern threshold >= 0
     min_budget, max_budget : tokens (max_budget None = unbounded; else >= max(min_budget, 1))
     scale : logit scale, default 1/sqrt(D)
+    max_len : >= max_b L_b (sets Nq); default: read from cu_seqlens (a host copy for CUDA)
 
     Returns
     -------
@@ -336,20 +369,23 @@ def flexprefill_mask(q: torch.Tensor, k: torch.Tensor, cu_seqlens: torch.Tensor,
     max_budget = _UNBOUNDED if max_budget is None else _non_negative_int(max_budget, fn,
                                                                           "max_budget")
     heads = _heads(_tensor(q, fn, "q"), 1)
-    indices, counts, density = _lists(cu_seqlens, heads, block_size, fn)
+    dev = q.device
+    indices, counts, density = _lists(cu_seqlens, heads, block_size, fn, max_len, dev)
     b = _batch(cu_seqlens)
-    info = {"pattern": torch.empty(b, heads, dtype=torch.int32), "density": density,
-            "js_distance": torch.empty(b, heads),
-            "vertical_blocks": torch.empty(b, heads, dtype=torch.int32),
-            "slash_blocks": torch.empty(b, heads, dtype=torch.int32)}
+    info = {"pattern": torch.empty(b, heads, dtype=torch.int32, device=dev), "density": density,
+            "js_distance": torch.empty(b, heads, device=dev),
+            "vertical_blocks": torch.empty(b, heads, dtype=torch.int32, device=dev),
+            "slash_blocks": torch.empty(b, heads, dtype=torch.int32, device=dev)}
     _C.flexprefill_mask(q, k, cu_seqlens, block_size, gamma, tau, min_budget, max_budget,
                         _scale(q, scale, fn), indices, counts, density, info["pattern"],
-                        info["js_distance"], info["vertical_blocks"], info["slash_blocks"])
+                        info["js_distance"], info["vertical_blocks"], info["slash_blocks"],
+                        _stream(q))
     return indices, counts, info
 
 
 def pbs_permute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                block_size: int = 128, segment_size: int = 256, scale: Optional[float] = None
+                block_size: int = 128, segment_size: int = 256, scale: Optional[float] = None,
+                max_len: Optional[int] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PBS-Attn's key permutation, per sequence and KV head.
 
@@ -364,6 +400,8 @@ def pbs_permute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: t
     ----------
     q : [T, Hq, D]; k, v : [T, Hk, D] (one float dtype); cu_seqlens : int32 [B + 1]
     segment_size : a positive multiple of block_size
+    max_len : CUDA only, optional: a bound of every L_b that sizes the launch grids (default T;
+        never read from cu_seqlens, so no host synchronisation)
 
     Returns
     -------
@@ -386,17 +424,20 @@ def pbs_permute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: t
     block_size = _positive_int(block_size, fn, "block_size")
     segment_size = _positive_int(segment_size, fn, "segment_size")
     k = _tensor(k, fn, "k")
-    k_perm = torch.empty(k.shape, dtype=k.dtype)
-    v_perm = torch.empty(k.shape, dtype=k.dtype)
-    positions = torch.empty(k.shape[:2] if k.dim() >= 2 else (0, 0), dtype=torch.int32)
+    bound = 0 if max_len is None else _max_len(cu_seqlens, fn, max_len)
+    k_perm = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    v_perm = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    positions = torch.empty(k.shape[:2] if k.dim() >= 2 else (0, 0), dtype=torch.int32,
+                            device=k.device)
     _C.pbs_permute(q, k, v, cu_seqlens, block_size, segment_size, _scale(q, scale, fn), k_perm,
-                   v_perm, positions)
+                   v_perm, positions, bound, _stream(q))
     return k_perm, v_perm, positions
 
 
 def pbs_mask(q: torch.Tensor, k_perm: torch.Tensor, cu_seqlens: torch.Tensor,
              key_positions: torch.Tensor, block_size: int = 128, segment_size: int = 256,
-             threshold: float = 0.9, force_first: bool = True, scale: Optional[float] = None
+             threshold: float = 0.9, force_first: bool = True, scale: Optional[float] = None,
+             max_len: Optional[int] = None
              ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
     """PBS-Attn's block lists over permuted keys, per sequence and KV head (H = Hk).
 
@@ -413,6 +454,7 @@ def pbs_mask(q: torch.Tensor, k_perm: torch.Tensor, cu_seqlens: torch.Tensor,
     cu_seqlens : int32 [B + 1]
     key_positions : int32 [T, Hk]; per (sequence, KV head) a permutation of each segment
     segment_size : a positive multiple of block_size; threshold : in (0, 1]
+    max_len : >= max_b L_b (sets Nq); default: read from cu_seqlens (a host copy for CUDA)
 
     Returns
     -------
@@ -433,7 +475,8 @@ def pbs_mask(q: torch.Tensor, k_perm: torch.Tensor, cu_seqlens: torch.Tensor,
     segment_size = _positive_int(segment_size, fn, "segment_size")
     threshold = _real(threshold, fn, "threshold")
     k_perm = _tensor(k_perm, fn, "k_perm")
-    indices, counts, density = _lists(cu_seqlens, _heads(k_perm, 1), block_size, fn)
+    indices, counts, density = _lists(cu_seqlens, _heads(k_perm, 1), block_size, fn, max_len,
+                                      _device(q))
     _C.pbs_mask(q, k_perm, cu_seqlens, key_positions, block_size, segment_size, threshold,
-                bool(force_first), _scale(q, scale, fn), indices, counts, density)
+                bool(force_first), _scale(q, scale, fn), indices, counts, density, _stream(q))
     return indices, counts, {"density": density}
