@@ -8,8 +8,10 @@
 # Steps (in this order; skipped when fewer seconds than they need are left of BUDGET_S):
 #   quick      GPU tests, quick tier (tests/test_gpu*.py, tests/test_cuda_validation.py) tests.log
 #   full       GPU tests, full tier                                                       tests.log
-#   sanitizer  compute-sanitizer memcheck (smoke + 4 small decode cases, 3 prefill cases) and
-#              racecheck (decode smoke, one prefill case)                                sanitizer.log
+#   sanitizer  compute-sanitizer memcheck (smoke + 4 small decode cases, the prefill key-position
+#              and empty-row cases, a set of mask-builder cases) and racecheck (decode smoke, two
+#              prefill cases)                                                             sanitizer.log
+# PYTEST_K: a -k expression for the quick tier (spaces kept); PYTEST_ARGS: more pytest arguments.
 #   ncu        Nsight Compute, --set full, one steady launch of each kernel at B8/128K    ncu.txt
 #   ncuprefill Nsight Compute, --set full, one launch of each sparse_prefill kernel (fa2, sm90) at
 #              8K, every causal block                                                      ncu.txt
@@ -110,7 +112,8 @@ if want quick; then
     tests/test_gpu_prefill.py tests/test_gpu_prefill_masks.py \
     tests/test_sparse_prefill.py::test_devices \
     tests/test_moa.py::test_windows_on_the_gpu \
-    -q -ra -m "not full" -p no:cacheprovider --durations=10 ${PYTEST_ARGS:-}
+    -q -ra -m "not full" -p no:cacheprovider --durations=10 ${PYTEST_K:+-k "$PYTEST_K"} \
+    ${PYTEST_ARGS:-}
 fi
 
 if want full; then
@@ -130,6 +133,11 @@ if want sanitizer; then
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck-prefill sanitizer.log 40 120 "$SAN" \
     --tool memcheck --error-exitcode 9 --print-limit 40 "$PY" -m pytest tests/test_gpu_prefill.py \
     -q -x -p no:cacheprovider -k "key_positions or empty_rows"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck-masks sanitizer.log 40 150 "$SAN" \
+    --tool memcheck --error-exitcode 9 --print-limit 40 "$PY" -m pytest \
+    tests/test_gpu_prefill_masks.py -q -x -p no:cacheprovider -k "coverage_select or block_pool \
+    or pooled_block or js_distance or patterns_appear or (pbs_matches_cpu and seg512) \
+    or (last_block and bfloat16) or feed_sparse_prefill"
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 step racecheck sanitizer.log 60 120 "$SAN" --tool racecheck \
     --error-exitcode 9 --print-limit 40 "$PY" -m pytest tests/test_gpu.py -q -x \
     -p no:cacheprovider -k sanitizer_smoke

@@ -1131,7 +1131,9 @@ struct PbsMarker {
 
 // ---- Primitive kernels -------------------------------------------------------------------------
 
-// vertical / slash from probs, float64 in the CPU's order (r ascending), one column per thread.
+// vertical / slash from probs in the CPU's operations and order (r ascending): each term is the
+// float32 quotient p / n (float / integer divides in float on the CPU too), summed in float64;
+// one column per thread.
 __global__ void vertical_slash_kernel(const __grid_constant__ VerticalSlashParams p) {
   const int64_t c = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
   const int h = blockIdx.y, b = blockIdx.z;
@@ -1144,8 +1146,8 @@ __global__ void vertical_slash_kernel(const __grid_constant__ VerticalSlashParam
   double v = 0.0, s = 0.0;
   for (int64_t r = 0; r < n; ++r) {
     const int64_t t = len - n + r;
-    if (c <= t) v += static_cast<double>(probs[r * width + c]) / n;
-    if (c <= t) s += static_cast<double>(probs[r * width + t - c]) / n;  // d = c
+    if (c <= t) v += probs[r * width + c] / static_cast<float>(n);
+    if (c <= t) s += probs[r * width + t - c] / static_cast<float>(n);  // d = c
   }
   const int64_t at = (int64_t{b} * p.num_heads + h) * width + c;
   p.vertical[at] = static_cast<float>(v);
