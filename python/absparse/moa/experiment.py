@@ -75,6 +75,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=None,
+                   help="evaluation processes (default: one per CPU core; results do not depend "
+                        "on it)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from ..eval.evaluation import evaluate
@@ -122,7 +125,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                          tasks=list(RETRIEVAL), depths=[float(x) for x in args.depths.split(",")],
                          seeds_per_cell=args.seeds, ppl_samples=0)
     res = evaluate(model, tok, samples, _NoCalibration(), budgets, methods=[],
-                   batch_size=args.batch_size, page_size=64, window_plans=plans)
+                   batch_size=args.batch_size, page_size=64, window_plans=plans,
+                   workers=args.workers)
     res.save(out / "results.jsonl")
     elapsed = time.perf_counter() - started
     report = _report(res, budgets, corr, proxy_check, gmeta, mmeta, plans, src, elapsed, argv)
