@@ -3,9 +3,11 @@ the float64 CPU reference of the same ops. Skipped without a CUDA device (CI has
 
 Tolerance basis (docs/prefill_masks.md, "CUDA path"):
 - block_pool and vertical_slash_sums do the CPU's float64 operations in the same order: equal.
-- last_block_attention: q.k in float32 (FMAs over D <= 128 products of exactly representable
-  inputs, |q.k| scale <= ~10 here), softmax with exp2f: a probability p carries a relative error
-  of a few float32 ulps times the logit magnitude, ~1e-5 relative; we allow 1e-4 * p + 1e-7.
+- last_block_attention: q.k accumulated in float32 (float32 FMAs, or tensor cores for float16 /
+  bfloat16: D <= 128 products of exactly representable inputs, exact in float32, summed with a
+  rounding of at most ~1 ulp per MMA step; scale log2(e) sum |q_d k_d| <= ~25 here), softmax with
+  exp2f: a probability p carries a relative error of a few float32 ulps times that magnitude,
+  ~1e-5 relative at worst; we allow 1e-4 * p + 1e-7.
 - pooled_block_scores: block means rounded to float32 (2^-24 relative), float32 dots and exp2f:
   the same bound, 1e-4 * a + 1e-7.
 - js_distance: float64 of the same float32 inputs, summed in another order: 1e-6 relative.

@@ -6,10 +6,12 @@
 // Kernels (B sequences, H heads, Nq query blocks, W = the length bound of the op):
 //   lb_stats / lb_combine / lb_probs   last-block attention: the n = min(bs, L) last queries of a
 //       (sequence, head) against its keys in chunks of 1024 keys per CTA (grid (W / 1024, H, B)),
-//       S = q.k in float32 on CUDA cores (128 x 64 tiles, 8 x 4 outputs per thread). Pass 1 keeps
-//       each row's (max, sum exp) per chunk, lb_combine merges the chunks in order, pass 2
-//       recomputes S and writes p (probs), column sums (FlexPrefill's vertical, PBS-Attn's key
-//       scores) and per-chunk diagonal sums (slash) that slash_combine adds in chunk order.
+//       128 x 64 tiles of S = q.k: float16 / bfloat16 inputs on tensor cores (lb_*_mma: mma.sync
+//       m16n8k16, float32 accumulation, one warp per 16 rows), float32 inputs in float32 on CUDA
+//       cores (8 x 4 outputs per thread). Pass 1 keeps each row's (max, sum exp) per chunk,
+//       lb_combine merges the chunks in order, pass 2 recomputes S and writes p (probs), column
+//       sums (FlexPrefill's vertical, PBS-Attn's key scores) and per-chunk diagonal sums (slash)
+//       that slash_combine adds in chunk order.
 //   block_pool      block means in float64 (the CPU's order), rounded to float32.
 //   pooled_scores   softmax rows of pooled logits, 16 query blocks per CTA, one key block per
 //       thread, two passes (online max / sum, then p), group mean by accumulation in head order.
@@ -28,9 +30,11 @@
 // the rounding of the float64 sum (the near-ties of absparse/prefill_masks_cuda.h).
 #include <cfloat>
 #include <climits>
+#include <type_traits>
 
 #include "absparse/prefill_masks_cuda.h"
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace absparse::cuda {
 namespace {
@@ -572,6 +576,402 @@ __global__ void __launch_bounds__(kLbThreads) lb_probs_kernel(const __grid_const
   if (a.slash_part) {
     float* dst = a.slash_part + (out_row * a.nsplit + split) * kDiag;
     for (int e = tid; e < kDiag; e += blockDim.x) dst[e] = diag[e];
+  }
+}
+
+// ---- Last-block attention on tensor cores (float16 / bfloat16 inputs) ---------------------------
+//
+// The same CTAs, chunks and outputs as lb_stats / lb_probs above (grid (W / 1024, H, B), 256
+// threads, 16 tiles of 64 keys), with S = Q K^T by mma.m16n8k16 (inputs T, float32 accumulation):
+// warp w owns query rows 16 w .. 16 w + 15 of the 128 and all 64 keys of a tile (8 n-tiles of 8
+// keys; C fragments: rows gid and gid + 8, keys 8 nt + 2 tq, + 1). Q's 128 rows go once per head
+// through the K buffers into A fragments (ldmatrix) that stay in registers; K tiles stream through
+// two swizzled shared-memory buffers, one tile ahead, B fragments by ldmatrix. Copies are 16-byte
+// cp.async when the tensor and its strides are 16-byte aligned, 16-bit loads otherwise. Both
+// passes compute a logit with the same instructions (lb_tile_mma, then one rounded multiply by
+// scale log2 e, never fused into the exponent's subtraction), so pass 2's p = exp2(x - m) / l has
+// x <= m. 2 CTAs per SM (128 registers; pass 2: 81 KB of shared memory at D 128).
+constexpr int kLbWarps = kLbThreads / 32;           // 8 warps x 16 query rows = kLbRows
+constexpr int kStripPitch = kLbKeys + 8;            // floats per strip row (conflict-free float2)
+constexpr int kWarpDiag = 16 + kLbKeys - 1;         // diagonals of a warp's 16 x 64 block
+constexpr int kWarpDiagPad = 80;
+static_assert(kLbWarps * 16 == kLbRows, "one warp per 16 query rows");
+static_assert(2 * kLbKeys == kLbRows, "the two K buffers hold the Q tile");
+static_assert(kWarpDiag <= kWarpDiagPad, "diagonal partials");
+static_assert(kLbKeys + kLbRows + kLbKeys - 1 <= kLbThreads, "one combining thread per sum");
+
+// The K tile buffers of both passes, then pass 2's reduction scratch.
+template <typename T, int D>
+struct LbMmaSmem {
+  T k[2][kLbKeys * D];                            // swizzled [key][d] (swz<D>); Q: [row][d]
+  float strip[kLbWarps][16 * kStripPitch];        // a warp's p (its 16 rows x 64 keys)
+  float colpart[kLbWarps][kLbKeys];               // a warp's column sums of the tile
+  float diagpart[kLbWarps][kWarpDiagPad];         // a warp's diagonal sums of the tile
+  float colchunk[kLbChunk];                       // column sums of the chunk
+  float diag[kDiag];                              // diagonal sums of the chunk
+};
+template <typename T, int D>
+constexpr size_t lb_stats_mma_smem() {
+  return sizeof(T) * 2 * kLbKeys * D;  // LbMmaSmem's k only
+}
+
+// A fragments of rows 16 warp .. 16 warp + 15 of the n last queries of head hq (0 for rows >= n),
+// through qs (swizzled [kLbRows][D]: the two K buffers, which must be free; free again on return).
+// 16-byte cp.async when q and its strides are 16-byte aligned, 16-bit loads otherwise.
+template <typename T, int D>
+__device__ inline void load_query_frags(uint32_t (&qa)[D / 16][4], T* qs, const QK& in, Span sp,
+                                        int64_t n, int hq, int warp, int lane) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  const T* base = static_cast<const T*>(in.q) + hq * in.q_sh + (sp.start + sp.len - n) * in.q_st;
+  const bool vec16 =
+      (reinterpret_cast<uintptr_t>(in.q) & 15) == 0 && in.q_st % 8 == 0 && in.q_sh % 8 == 0;
+  if (vec16) {
+    // Thread: chunk c of rows row0 + kStep it (the same swizzle for all it: kStep % 8 == 0).
+    constexpr int kStep = kLbThreads / kChunks;
+    static_assert(kStep % 8 == 0 && kLbRows % kStep == 0, "query tile copy");
+    const int row0 = static_cast<int>(threadIdx.x) / kChunks;
+    const int c = static_cast<int>(threadIdx.x) % kChunks;
+    T* d = qs + swz<D>(row0, c * 8);
+    const T* src = base + row0 * in.q_st + c * 8;
+#pragma unroll
+    for (int it = 0; it < kLbRows / kStep; ++it) {
+      const bool ok = row0 + it * kStep < n;
+      cp_async_16(d + it * kStep * D, ok ? src + it * kStep * in.q_st : base, ok);
+    }
+    cp_async_commit();
+    cp_async_wait(0);
+  } else {
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(base);
+    uint16_t* q16 = reinterpret_cast<uint16_t*>(qs);
+    for (int i = threadIdx.x; i < kLbRows * D; i += kLbThreads) {
+      const int row = i / D, col = i % D;
+      q16[swz<D>(row, col & ~7) + (col & 7)] = row < n ? src[row * in.q_st + col] : uint16_t{0};
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    ldmatrix_x4(qa[kk], qs + swz<D>(16 * warp + (lane & 15), kk * 16 + (lane >> 4) * 8));
+  }
+  __syncthreads();  // every warp has its fragments: qs may be refilled
+}
+
+// Starts the copy of the 64 keys from ct of head hk into dst (zeros past the sequence).
+template <typename T, int D>
+__device__ inline void issue_key_tile(T* dst, const QK& in, Span sp, int64_t ct, int hk,
+                                      bool vec16) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  const T* base = static_cast<const T*>(in.k) + hk * in.k_sh + sp.start * in.k_st;
+  if (vec16) {
+    // Thread: chunk c of rows row0 + kStep it (the same swizzle for all it: kStep % 8 == 0).
+    constexpr int kStep = kLbThreads / kChunks;
+    static_assert(kStep % 8 == 0 && kLbKeys % kStep == 0, "key tile copy");
+    const int row0 = static_cast<int>(threadIdx.x) / kChunks;
+    const int c = static_cast<int>(threadIdx.x) % kChunks;
+    T* d = dst + swz<D>(row0, c * 8);
+    const T* src = base + (ct + row0) * in.k_st + c * 8;
+    const int64_t left = sp.len - ct - row0;  // rows of the sequence from row0 on
+#pragma unroll
+    for (int it = 0; it < kLbKeys / kStep; ++it) {
+      const bool ok = it * kStep < left;
+      cp_async_16(d + it * kStep * D, ok ? src + it * kStep * in.k_st : base, ok);
+    }
+  } else {
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(base);
+    uint16_t* d16 = reinterpret_cast<uint16_t*>(dst);
+    for (int i = threadIdx.x; i < kLbKeys * D; i += kLbThreads) {
+      const int row = i / D, col = i % D;
+      d16[swz<D>(row, col & ~7) + (col & 7)] =
+          ct + row < sp.len ? src[(ct + row) * in.k_st + col] : uint16_t{0};
+    }
+  }
+}
+
+// k and its strides allow 16-byte copies (the element offsets are multiples of 8).
+__device__ inline bool keys_vec16(const QK& in) {
+  return (reinterpret_cast<uintptr_t>(in.k) & 15) == 0 && in.k_st % 8 == 0 && in.k_sh % 8 == 0;
+}
+
+// sc[nt] += Q K^T of the warp's 16 rows and keys 8 nt .. 8 nt + 7 of the tile kt; D / 16 steps
+// in order (the same instructions in both passes).
+template <typename T, int D>
+__device__ inline void lb_tile_mma(const uint32_t (&qa)[D / 16][4], const T* kt,
+                                   float (&sc)[kLbKeys / 8][4], int lane) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+    for (int nt = 0; nt < kLbKeys / 8; nt += 2) {
+      uint32_t kb[4];  // b0b1, b2b3 of n-tiles nt and nt + 1
+      ldmatrix_x4(kb, kt + swz<D>(nt * 8 + ((lane >> 4) << 3) + (lane & 7),
+                                  kk * 16 + ((lane >> 3) & 1) * 8));
+      mma_16816<T>(sc[nt], qa[kk], kb[0], kb[1]);
+      mma_16816<T>(sc[nt + 1], qa[kk], kb[2], kb[3]);
+    }
+  }
+}
+
+// Keys of a tile a row may attend: key cc (0..63) of the tile at ct is causal for row r iff
+// ct + cc <= L - n + r, i.e. cc <= lim + r with lim = L - n - ct (clamped: |lim| past 256
+// decides nothing more for r < 128, cc < 64).
+__device__ inline int causal_lim(Span sp, int64_t n, int64_t ct) {
+  return static_cast<int>(clamp64(sp.len - n - ct, -256, 256));
+}
+
+// Pass 1 on tensor cores: lb_stats_kernel's outputs (per chunk, each row's max and sum of exp2).
+template <typename T, int D>
+__global__ void __launch_bounds__(kLbThreads, 2)
+    lb_stats_mma_kernel(const __grid_constant__ LbArgs a) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* kbuf = reinterpret_cast<T*>(smem_raw);  // LbMmaSmem<T, D>::k
+  const int split = blockIdx.x, hq = blockIdx.y, b = blockIdx.z;
+  const Span sp = seq_span(a.in.cu, a.in.cu_stride, b, a.in.total, a.bound);
+  const int64_t n = min64(a.bs, sp.len), c0 = int64_t{split} * kLbChunk;
+  if (c0 >= sp.len) return;  // lb_combine reads the chunks below L only
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gid = lane >> 2, tq = lane & 3;
+  const int hk = hq / a.in.group;
+  const bool vec16 = keys_vec16(a.in);
+  const int tiles = static_cast<int>(min64(kLbTiles, ceil_div(sp.len - c0, kLbKeys)));
+  uint32_t qa[D / 16][4];
+  load_query_frags<T, D>(qa, kbuf, a.in, sp, n, hq, warp, lane);
+  issue_key_tile<T, D>(kbuf, a.in, sp, c0, hk, vec16);
+  cp_async_commit();
+  const bool active = 16 * warp < n;  // the warp has a row below n
+  const int row0 = 16 * warp + gid;   // rows row0 (h = 0) and row0 + 8 (h = 1)
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  for (int tile = 0; tile < tiles; ++tile) {
+    const int64_t ct = c0 + int64_t{tile} * kLbKeys;
+    cp_async_wait(0);
+    __syncthreads();  // tile `tile` landed (all copies); the other buffer is no longer read
+    if (tile + 1 < tiles) {
+      issue_key_tile<T, D>(kbuf + ((tile + 1) & 1) * kLbKeys * D, a.in, sp, ct + kLbKeys, hk,
+                           vec16);
+    }
+    cp_async_commit();
+    if (!active) continue;
+    float sc[kLbKeys / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < kLbKeys / 8; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+    lb_tile_mma<T, D>(qa, kbuf + (tile & 1) * kLbKeys * D, sc, lane);
+    const int lim = causal_lim(sp, n, ct);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = row0 + 8 * h;
+      // Key cc = 8 nt + 2 tq + e is causal for row r < n iff 8 nt + e <= last.
+      const int last = r < n ? lim + r - 2 * tq : -1;
+      float tmax = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < kLbKeys / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& x = sc[nt][2 * h + e];
+          x = nt * 8 + e <= last ? __fmul_rn(x, a.scale_log2) : -INFINITY;
+          tmax = fmaxf(tmax, x);
+        }
+      }
+      if (tmax > -INFINITY) {
+        const float mn = fmaxf(m[h], tmax);
+        float acc = l[h] * exp2f(m[h] - mn);
+#pragma unroll
+        for (int nt = 0; nt < kLbKeys / 8; ++nt) {
+          acc += exp2f(sc[nt][2 * h] - mn);
+          acc += exp2f(sc[nt][2 * h + 1] - mn);
+        }
+        m[h] = mn;
+        l[h] = acc;
+      }
+    }
+  }
+  cp_async_wait(0);
+  // Merge the 4 lanes of a row (its quad), fixed butterfly.
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int o = 1; o < 4; o <<= 1) {
+      const float mo = __shfl_xor_sync(kFullMask, m[h], o);
+      const float lo = __shfl_xor_sync(kFullMask, l[h], o);
+      const float mn = fmaxf(m[h], mo);
+      if (mn > -INFINITY) {
+        l[h] = l[h] * exp2f(m[h] - mn) + lo * exp2f(mo - mn);
+        m[h] = mn;
+      }
+    }
+  }
+  if (tq == 0) {
+    float2* part = a.part + ((int64_t{b} * a.in.hq + hq) * a.nsplit + split) * kLbRows;
+    part[row0] = make_float2(m[0], l[0]);
+    part[row0 + 8] = make_float2(m[1], l[1]);
+  }
+}
+
+// Pass 2 on tensor cores: lb_probs_kernel's outputs. Per tile, each warp stores its p (16 rows x
+// 64 keys) in its shared-memory strip, writes the probs rows from it (coalesced), and sums its
+// columns and diagonals of p / (n G) (one per lane, rows in order); one thread per column /
+// diagonal of the tile then adds the warps' sums in warp order to the chunk's.
+template <typename T, int D>
+__global__ void __launch_bounds__(kLbThreads, 2)
+    lb_probs_mma_kernel(const __grid_constant__ LbArgs a) {
+  using Smem = LbMmaSmem<T, D>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  Smem& s = *reinterpret_cast<Smem*>(smem_raw);
+  const int split = blockIdx.x, ho = blockIdx.y, b = blockIdx.z;
+  const Span sp = seq_span(a.in.cu, a.in.cu_stride, b, a.in.total, a.bound);
+  const int64_t n = min64(a.bs, sp.len), c0 = int64_t{split} * kLbChunk;
+  const int64_t out_row = int64_t{b} * a.out_heads + ho;
+  const int64_t c_end = min64(c0 + kLbChunk, a.bound);  // columns of this CTA in the outputs
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gid = lane >> 2, tq = lane & 3;
+  const bool reduce = a.colsum || a.slash_part;
+  const float w_col = a.weight_rows && n > 0 ? 1.0f / static_cast<float>(n * a.heads_per_out)
+                                              : 1.0f / static_cast<float>(a.heads_per_out);
+  const float w_prob = 1.0f / static_cast<float>(a.heads_per_out);
+  if (c0 >= sp.len) {  // past the sequence: zeros (the slash partials of such chunks are unread)
+    if (a.colsum) {
+      for (int64_t c = c0 + tid; c < c_end; c += blockDim.x) a.colsum[out_row * a.bound + c] = 0.0f;
+    }
+    if (a.probs) {
+      for (int64_t e = tid; e < int64_t{a.bs} * (c_end - c0); e += blockDim.x) {
+        const int64_t r = e / (c_end - c0), c = c0 + e % (c_end - c0);
+        a.probs[(out_row * a.bs + r) * a.bound + c] = 0.0f;
+      }
+    }
+    return;
+  }
+  const bool vec16 = keys_vec16(a.in);
+  // float2 probs stores: even row length and an 8-byte aligned base (c is even).
+  const bool probs_vec2 = (a.bound & 1) == 0 && (reinterpret_cast<uintptr_t>(a.probs) & 7) == 0;
+  const int tiles = static_cast<int>(min64(kLbTiles, ceil_div(sp.len - c0, kLbKeys)));
+  const bool active = 16 * warp < n;
+  const int row0 = 16 * warp + gid;  // rows row0 (h = 0) and row0 + 8 (h = 1)
+  for (int e = tid; e < kLbChunk; e += blockDim.x) s.colchunk[e] = 0.0f;
+  for (int e = tid; e < kDiag; e += blockDim.x) s.diag[e] = 0.0f;
+  // Keys past the sequence: probs 0, written once (the other sums stay 0).
+  if (a.probs) {
+    const int64_t ct = c0 + int64_t{tiles} * kLbKeys;
+    const int64_t cols = max64(0, min64(c0 + kLbChunk, a.bound) - ct);
+    for (int64_t e = tid; e < int64_t{a.bs} * cols; e += blockDim.x) {
+      const int64_t r = e / cols, c = ct + e % cols;
+      a.probs[(out_row * a.bs + r) * a.bound + c] = 0.0f;
+    }
+  }
+  for (int g = 0; g < a.heads_per_out; ++g) {
+    const int hq = ho * a.heads_per_out + g, hk = hq / a.in.group;
+    const float2* stats = a.stats + (int64_t{b} * a.in.hq + hq) * kLbRows + row0;
+    __syncthreads();  // the previous head's readers of both K buffers are done
+    uint32_t qa[D / 16][4];
+    load_query_frags<T, D>(qa, s.k[0], a.in, sp, n, hq, warp, lane);
+    issue_key_tile<T, D>(s.k[0], a.in, sp, c0, hk, vec16);
+    cp_async_commit();
+    for (int tile = 0; tile < tiles; ++tile) {
+      const int64_t ct = c0 + int64_t{tile} * kLbKeys;
+      cp_async_wait(0);
+      __syncthreads();  // tile landed; the other buffer and the previous tile's partials are free
+      if (tile + 1 < tiles) {
+        issue_key_tile<T, D>(s.k[(tile + 1) & 1], a.in, sp, ct + kLbKeys, hk, vec16);
+      }
+      cp_async_commit();
+      float sc[kLbKeys / 8][4];
+#pragma unroll
+      for (int nt = 0; nt < kLbKeys / 8; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+      if (active) lb_tile_mma<T, D>(qa, s.k[tile & 1], sc, lane);
+      const int lim = causal_lim(sp, n, ct);
+      float* strip = s.strip[warp];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = row0 + 8 * h;
+        // Key cc = 8 nt + 2 tq + e is causal for row r < n iff 8 nt + e <= last.
+        const int last = r < n ? lim + r - 2 * tq : -1;
+        const float2 st = stats[8 * h];  // (max, 1 / sum) of row r (per tile: fewer live registers)
+#pragma unroll
+        for (int nt = 0; nt < kLbKeys / 8; ++nt) {
+          float p[2];
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float x = __fmul_rn(sc[nt][2 * h + e], a.scale_log2);
+            p[e] = nt * 8 + e <= last ? exp2f(x - st.x) * st.y : 0.0f;
+          }
+          *reinterpret_cast<float2*>(strip + (gid + 8 * h) * kStripPitch + nt * 8 + 2 * tq) =
+              make_float2(p[0], p[1]);
+        }
+      }
+      __syncwarp();  // the warp's strip holds its p
+      if (a.probs) {  // rows 16 warp + rl < bs, columns ct .. ct + 63 below bound, p / G
+        const int cols = static_cast<int>(min64(a.bound - ct, kLbKeys));  // > 0
+        for (int rl = 0; rl < 16; ++rl) {
+          const int r = 16 * warp + rl;
+          if (r >= a.bs) break;
+          float* prow = a.probs + (out_row * a.bs + r) * a.bound + ct;
+          const float* srow = strip + rl * kStripPitch;
+          if (probs_vec2) {  // columns 2 lane, 2 lane + 1 (both or neither below cols: even)
+            if (2 * lane < cols) {
+              const float2 pv = *reinterpret_cast<const float2*>(srow + 2 * lane);
+              float2* dst = reinterpret_cast<float2*>(prow + 2 * lane);
+              float2 v = make_float2(pv.x * w_prob, pv.y * w_prob);
+              if (g > 0) {
+                const float2 old = *dst;
+                v = make_float2(old.x + v.x, old.y + v.y);
+              }
+              *dst = v;
+            }
+          } else {
+#pragma unroll
+            for (int c = lane; c < kLbKeys; c += 32) {
+              if (c < cols) prow[c] = g == 0 ? srow[c] * w_prob : prow[c] + srow[c] * w_prob;
+            }
+          }
+        }
+      }
+      if (!reduce) continue;
+      if (a.colsum) {  // columns lane, lane + 32: the warp's 16 rows in order
+#pragma unroll
+        for (int c = lane; c < kLbKeys; c += 32) {
+          float sum = 0.0f;
+#pragma unroll
+          for (int rl = 0; rl < 16; ++rl) sum += strip[rl * kStripPitch + c] * w_col;
+          s.colpart[warp][c] = sum;
+        }
+      }
+      if (a.slash_part) {
+        // Diagonal j = rl - cc + 63 of the warp's block (rl its row 0..15, cc the key 0..63).
+        for (int j = lane; j < kWarpDiag; j += 32) {
+          const int lo = max(0, j - (kLbKeys - 1)), hi = min(15, j);
+          float sum = 0.0f;
+          for (int rl = lo; rl <= hi; ++rl) {
+            sum += strip[rl * kStripPitch + rl - j + kLbKeys - 1] * w_col;
+          }
+          s.diagpart[warp][j] = sum;
+        }
+      }
+      __syncthreads();
+      if (tid < kLbKeys) {  // column tid of the tile: the warps in order
+        if (a.colsum) {
+          float sum = 0.0f;
+#pragma unroll
+          for (int w = 0; w < kLbWarps; ++w) sum += s.colpart[w][tid];
+          s.colchunk[tile * kLbKeys + tid] += sum;
+        }
+      } else if (a.slash_part && tid < kLbKeys + kLbRows + kLbKeys - 1) {
+        // Diagonal q = r - cc + 63 of the tile (r = 16 w + j): chunk diagonal
+        // e = r - (c - c0) + kLbChunk - 1 = q - 63 - 64 tile + kLbChunk - 1.
+        const int q = tid - kLbKeys;
+        float sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kLbWarps; ++w) {
+          const int j = q - 16 * w;
+          if (j >= 0 && j < kWarpDiag) sum += s.diagpart[w][j];
+        }
+        s.diag[q - (kLbKeys - 1) - tile * kLbKeys + kLbChunk - 1] += sum;
+      }
+    }
+  }
+  cp_async_wait(0);
+  __syncthreads();
+  if (a.colsum) {
+    for (int64_t c = c0 + tid; c < c_end; c += blockDim.x) {
+      a.colsum[out_row * a.bound + c] = s.colchunk[c - c0];
+    }
+  }
+  if (a.slash_part) {
+    float* dst = a.slash_part + (out_row * a.nsplit + split) * kDiag;
+    for (int e = tid; e < kDiag; e += blockDim.x) dst[e] = s.diag[e];
   }
 }
 
@@ -1228,9 +1628,14 @@ void check_workspace(const char* fn, const Carver& c, const MaskCudaCall& call) 
 
 template <typename F>
 void launch_smem(F kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream,
-                 const LbArgs& a) {
+                 const LbArgs& a, bool max_carveout = false) {
   ABSPARSE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            static_cast<int>(smem)));
+  if (max_carveout) {  // two CTAs per SM need more than the default shared-memory carveout
+    ABSPARSE_CUDA_CHECK(cudaFuncSetAttribute(kernel,
+                                             cudaFuncAttributePreferredSharedMemoryCarveout,
+                                             static_cast<int>(cudaSharedmemCarveoutMaxShared)));
+  }
   kernel<<<grid, threads, smem, stream>>>(a);
   ABSPARSE_CUDA_CHECK(cudaGetLastError());
 }
@@ -1259,11 +1664,21 @@ void run_last_block(const LbArgs& a, DType dtype, int dim, int batch, cudaStream
   auto go = [&](auto tag, auto dim_tag) {
     using T = decltype(tag);
     constexpr int kD = decltype(dim_tag)::value;
-    launch_smem(lb_stats_kernel<T, kD>, stats_grid, kLbThreads,
-                sizeof(float) * (kD * kLbRows + kD * kLbKeys), stream, a);
+    if constexpr (std::is_same_v<T, float>) {  // CUDA cores (float32 FMAs)
+      launch_smem(lb_stats_kernel<T, kD>, stats_grid, kLbThreads,
+                  sizeof(float) * (kD * kLbRows + kD * kLbKeys), stream, a);
+    } else {  // tensor cores
+      launch_smem(lb_stats_mma_kernel<T, kD>, stats_grid, kLbThreads,
+                  lb_stats_mma_smem<T, kD>(), stream, a, true);
+    }
     lb_combine_kernel<<<dim3(a.in.hq, batch), kLbRows, 0, stream>>>(a);
     ABSPARSE_CUDA_CHECK(cudaGetLastError());
-    launch_smem(lb_probs_kernel<T, kD>, probs_grid, kLbThreads, lb_probs_smem<kD>(), stream, a);
+    if constexpr (std::is_same_v<T, float>) {
+      launch_smem(lb_probs_kernel<T, kD>, probs_grid, kLbThreads, lb_probs_smem<kD>(), stream, a);
+    } else {
+      launch_smem(lb_probs_mma_kernel<T, kD>, probs_grid, kLbThreads, sizeof(LbMmaSmem<T, kD>),
+                  stream, a, true);
+    }
   };
   using D64 = std::integral_constant<int, 64>;
   using D128 = std::integral_constant<int, 128>;
