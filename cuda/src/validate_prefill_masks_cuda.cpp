@@ -7,6 +7,7 @@
 
 #include "absparse/error.h"
 #include "absparse/prefill_masks_cuda.h"
+#include "prefill_common.h"  // cpp/src: the CPU entry points' host checks
 
 namespace absparse {
 namespace {
@@ -15,35 +16,21 @@ const char* kSupported =
     "the CUDA mask builders support dtype float32, float16 or bfloat16, head_dim 64 or 128, "
     "block_size <= 128 for last-block attention, and up to 65535 sequences and heads";
 
-void check_dtype(const char* fn, const char* name, DType t) {
-  ABSPARSE_CHECK_ARG(t == DType::kFloat32 || t == DType::kFloat16 || t == DType::kBFloat16, fn,
-                     name, ": expected dtype float32, float16 or bfloat16, got ", dtype_name(t));
-}
+using prefill_detail::check_dtype;
 
-// q / k host fields (check_qk_args of the CPU side, minus nothing) and the GPU's supported set.
+// q / k host fields (the CPU side's check_qk_args, same messages), then the GPU's supported set.
 void check_qk_cuda(const char* fn, const PrefillQK& in) {
-  ABSPARSE_CHECK_ARG(in.batch >= 0 && in.batch <= 65535, fn,
-                     "cu_seqlens: expected B in [0, 65535] on the GPU, got B = ", in.batch, "; ",
-                     kSupported);
-  ABSPARSE_CHECK_ARG(in.total_tokens >= 0 && in.total_tokens <= INT32_MAX, fn,
-                     "total_tokens: expected T in [0, 2^31), got ", in.total_tokens);
-  ABSPARSE_CHECK_ARG(in.cu_seqlens != nullptr, fn, "cu_seqlens: expected a pointer, got null");
-  ABSPARSE_CHECK_ARG(in.num_kv_heads > 0, fn, "num_kv_heads: expected > 0, got ", in.num_kv_heads);
-  ABSPARSE_CHECK_ARG(in.num_q_heads > 0 && in.num_q_heads % in.num_kv_heads == 0, fn,
-                     "num_q_heads: expected a positive multiple of Hk = ", in.num_kv_heads,
-                     ", got ", in.num_q_heads);
+  prefill_detail::check_qk_args(fn, in);
+  ABSPARSE_CHECK_ARG(in.batch <= 65535, fn, "cu_seqlens: expected B in [0, 65535] on the GPU, got B = ",
+                     in.batch, "; ", kSupported);
   ABSPARSE_CHECK_ARG(in.num_q_heads <= 65535, fn, "q: ", in.num_q_heads,
                      " query heads are not supported on the GPU; ", kSupported);
-  check_dtype(fn, "q", in.dtype);
   ABSPARSE_CHECK_ARG(in.head_dim == 64 || in.head_dim == 128, fn, "q: head_dim ", in.head_dim,
                      " is not supported on the GPU; ", kSupported);
-  ABSPARSE_CHECK_ARG(std::isfinite(in.scale), fn, "scale: expected a finite float, got ", in.scale);
-  ABSPARSE_CHECK_ARG(in.total_tokens == 0 || (in.q && in.k), fn,
-                     "q, k: expected data pointers, got null");
 }
 
 void check_block_size(const char* fn, int32_t bs, bool last_block) {
-  ABSPARSE_CHECK_ARG(bs > 0, fn, "block_size: expected > 0, got ", bs);
+  prefill_detail::check_block_size(fn, bs);
   ABSPARSE_CHECK_ARG(!last_block || bs <= 128, fn, "block_size: ", bs,
                      " is not supported on the GPU; ", kSupported);
 }
