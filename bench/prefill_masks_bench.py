@@ -12,7 +12,6 @@ CUDA-event timings of single calls after a warm-up; ratio = builder / dense (iss
 """
 import argparse
 import json
-import statistics
 import sys
 
 import torch
@@ -20,23 +19,8 @@ import torch.nn.functional as F
 
 import absparse as ab
 
-HQ, HK, D, BLOCK = 32, 8, 128, 128
-DTYPE = torch.bfloat16
-
-
-def timed(fn, reps: int) -> float:
-    """Median milliseconds of `reps` calls after two warm-ups."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
+# The shapes and the timer of the prefill benchmark (same directory, same run conditions).
+from prefill_bench import BLOCK, DTYPE, HK, HQ, D, timed  # noqa: E402
 
 
 def dense_ms(q, k, v, reps: int):
