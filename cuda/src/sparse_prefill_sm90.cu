@@ -7,13 +7,14 @@
 // prefill_sm90_kernel<T, D>: grid (Nq, Hq, B), 384 threads = 3 warpgroups, one CTA per SM (160 KiB
 // of shared memory at D = 128). CTA (x, h, b) computes query block i = Nq - 1 - x (the longest
 // rows first, so the causal tail is short) of sequence b for query head h: 128 query rows.
-//   - Warpgroup 0 is the producer (its registers given back with setmaxnreg); one warp of it walks
-//     the block list, cuts each listed block into 128-key tiles, drops tiles that cannot contribute
+//   - The tiles: every listed block cut into 128-key tiles, without those that cannot contribute
 //     (block index out of range, rows past the sequence, and without key_positions tiles wholly
-//     after the CTA's last query), and TMA-loads the Q tile once, then per tile n: K_n, then
-//     V_(n-1) (V one tile behind, the order in which the consumers need them). Each K stage also
-//     carries the tile's first key row (written by lane 0 before it arrives on the stage's
-//     barrier). After the last tile it publishes a sentinel tile row -1 in the next K stage.
+//     after the CTA's last query). The producer warp and every consumer warp walk the block list
+//     themselves (TileWalker, the same code), so they agree on the tiles without passing them
+//     through shared memory.
+//   - Warpgroup 0 is the producer (its registers given back with setmaxnreg): one warp of it
+//     TMA-loads the Q tile once, then per tile n: K_n, then V_(n-1) (V one tile behind, the order
+//     in which the consumers need them).
 //   - Warpgroups 1 and 2 are consumers, 64 query rows each (the 128 x 128 tile of S split by M).
 //     Per tile: S_n = Q K_n^T (wgmma, both operands in shared memory), then O += P_(n-1) V_(n-1)
 //     (wgmma, P from registers) is issued before the softmax of S_n so that the tensor cores run
@@ -30,9 +31,8 @@
 //
 // Pipeline: kStages K stages and kStages V stages, each with a "full" mbarrier (one arrival by the
 // producer's lane 0 and the TMA transaction bytes) and an "empty" mbarrier (one arrival per
-// consumer warp, after its MMA reading the stage completed and, for K, after the tile row was
-// read). Tile n uses stage n % kStages with parity
-// (n / kStages) & 1.
+// consumer warp, after its MMA reading the stage completed). Tile n uses stage n % kStages with
+// parity (n / kStages) & 1.
 //
 // Rows past the end of the sequence: the TMA boxes are cut at T only (sequences are packed), so a
 // Q tile or the last K / V tile of a sequence may read rows of the next sequence. Such query rows
@@ -190,7 +190,6 @@ struct Sm90Config {
     alignas(1024) T v[cosize_v<SmemVt>];
     uint64_t q_full;
     uint64_t k_full[kStages], k_empty[kStages], v_full[kStages], v_empty[kStages];
-    int32_t tile_row[kStages];  // first key row of the tile in stage s, -1: no more tiles
     // With key_positions: the positions of tile n's keys for consumer warpgroup w in
     // key_pos[w][n % 2] (INT32_MAX past the sequence).
     int32_t key_pos[kConsumerWarpGroups][2][kBlockN];
@@ -228,7 +227,68 @@ struct CtaTile {
   int32_t len, q0, qblock, h, hk;
 };
 
-// The producer warp: Q once, then per contributing tile K_n and V_(n-1), then the sentinel.
+// The contributing tiles of a CTA's block list, in order: next() returns the first key row
+// (within the sequence) of the next tile, or -1 after the last one (and on every later call).
+// Warp-cooperative: all 32 lanes call next() together and get the same value; 32 list entries per
+// coalesced load, broadcast one at a time.
+struct TileWalker {
+  const int32_t* list;  // the CTA's row of block_indices
+  int64_t stride;       // between its entries
+  int32_t count;        // entries listed (clamped to [0, max_blocks])
+  int32_t num_kblocks;  // key blocks of the sequence
+  int32_t len;          // sequence length
+  int32_t q_last;       // the CTA's last query row (within the sequence)
+  int32_t k_block;
+  bool by_position;     // key_positions: no tile is known to be after every query
+  int32_t seg = -32;    // first entry of the loaded group of 32
+  int32_t e = 31;       // entry within the group
+  int32_t mine = -1;    // this lane's entry of the group
+  int32_t j = -1;       // current key block (-1: none)
+  int32_t t = 0;        // its next tile
+
+  __device__ int32_t next() {
+    const int lane = threadIdx.x % 32;
+    for (;;) {
+      if (j >= 0 && t * kBlockN < k_block) {
+        const int64_t r0 = static_cast<int64_t>(j) * k_block + t * kBlockN;
+        ++t;
+        if (r0 < len && (by_position || r0 <= q_last)) return static_cast<int32_t>(r0);
+        j = -1;  // this block's later tiles are out too
+      }
+      if (++e >= 32 || seg + e >= count) {
+        if (seg >= count) return -1;  // ended (seg stays >= count)
+        seg += 32;
+        e = 0;
+        if (seg >= count) return -1;
+        mine = seg + lane < count ? list[static_cast<int64_t>(seg + lane) * stride] : -1;
+      }
+      j = __shfl_sync(kFullMask, mine, e);
+      if (j >= num_kblocks) j = -1;
+      t = 0;
+    }
+  }
+};
+
+template <typename T, int D>
+__device__ TileWalker tile_walker(const Sm90Args<T, D>& a, const CtaTile& c) {
+  TileWalker w;
+  const int lh = a.list_per_q_head ? c.h : c.hk;
+  w.list = a.block_indices + blockIdx.z * a.bi_stride_batch + lh * a.bi_stride_head +
+           c.qblock * a.bi_stride_row;
+  w.stride = a.bi_stride_slot;
+  w.count = static_cast<int32_t>(clamp64(
+      a.block_counts[blockIdx.z * a.bc_stride_batch + lh * a.bc_stride_head +
+                     c.qblock * a.bc_stride_row],
+      0, a.max_blocks));
+  w.num_kblocks = static_cast<int32_t>(ceil_div(c.len, a.k_block));
+  w.len = c.len;
+  w.q_last = min(c.q0 + kBlockM, c.len) - 1;
+  w.k_block = a.k_block;
+  w.by_position = a.key_positions != nullptr;
+  return w;
+}
+
+// The producer warp: Q once, then per contributing tile K_n and V_(n-1).
 template <typename T, int D>
 __device__ void produce(const Sm90Args<T, D>& a, typename Sm90Config<T, D>::Smem& s,
                         const CtaTile& c) {
@@ -263,19 +323,13 @@ __device__ void produce(const Sm90Args<T, D>& a, typename Sm90Config<T, D>::Smem
     copy(a.tma_q.with(s.q_full), tQgQ, tQsQ);
   }
 
-  const bool by_position = a.key_positions != nullptr;
-  // K tile n (first key row r0 >= 0, or the sentinel r0 = -1) into stage n % kStages.
+  // K tile n (first key row r0) into stage n % kStages.
   auto load_k = [&](int n, int32_t r0) {
     const int stage = n % kStages;
     if (lane == 0) {
       mbar_wait(&s.k_empty[stage], ((n / kStages) & 1) ^ 1);
-      s.tile_row[stage] = r0;
-      if (r0 >= 0) {
-        mbar_arrive_expect_tx(&s.k_full[stage], Config::kTileBytes);
-        copy(a.tma_k.with(s.k_full[stage]), tKgK(_, r0 / kBlockN), tKsK(_, stage));
-      } else {
-        mbar_arrive(&s.k_full[stage]);
-      }
+      mbar_arrive_expect_tx(&s.k_full[stage], Config::kTileBytes);
+      copy(a.tma_k.with(s.k_full[stage]), tKgK(_, r0 / kBlockN), tKsK(_, stage));
     }
   };
   auto load_v = [&](int n, int32_t r0) {
@@ -287,37 +341,15 @@ __device__ void produce(const Sm90Args<T, D>& a, typename Sm90Config<T, D>::Smem
     }
   };
 
-  const int lh = a.list_per_q_head ? c.h : c.hk;
-  const int32_t* list = a.block_indices + blockIdx.z * a.bi_stride_batch +
-                        lh * a.bi_stride_head + c.qblock * a.bi_stride_row;
-  const int count = static_cast<int>(clamp64(
-      a.block_counts[blockIdx.z * a.bc_stride_batch + lh * a.bc_stride_head +
-                     c.qblock * a.bc_stride_row],
-      0, a.max_blocks));
-  const int32_t num_kblocks = static_cast<int32_t>(ceil_div(c.len, a.k_block));
-  const int32_t q_last = min(c.q0 + kBlockM, c.len) - 1;
-  const int tiles_per_block = a.k_block / kBlockN;
+  TileWalker tiles = tile_walker(a, c);
   int n = 0;            // tiles issued
   int32_t prev_r0 = 0;  // first key row of tile n - 1
-  for (int seg = 0; seg < count; seg += 32) {
-    // 32 list entries per coalesced load, broadcast one at a time (warp-uniform control flow).
-    const int32_t mine =
-        seg + lane < count ? list[static_cast<int64_t>(seg + lane) * a.bi_stride_slot] : -1;
-    const int in_seg = min(32, count - seg);
-    for (int e = 0; e < in_seg; ++e) {
-      const int32_t j = __shfl_sync(kFullMask, mine, e);
-      if (j < 0 || j >= num_kblocks) continue;
-      for (int t = 0; t < tiles_per_block; ++t) {
-        const int64_t r0 = static_cast<int64_t>(j) * a.k_block + t * kBlockN;
-        if (r0 >= c.len || (!by_position && r0 > q_last)) break;  // later tiles are too
-        load_k(n, static_cast<int32_t>(r0));
-        if (n > 0) load_v(n - 1, prev_r0);
-        prev_r0 = static_cast<int32_t>(r0);
-        ++n;
-      }
-    }
+  for (int32_t r0 = tiles.next(); r0 >= 0; r0 = tiles.next()) {
+    load_k(n, r0);
+    if (n > 0) load_v(n - 1, prev_r0);
+    prev_r0 = r0;
+    ++n;
   }
-  load_k(n, -1);
   if (n > 0) load_v(n - 1, prev_r0);
 }
 
@@ -481,12 +513,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (wg == 0) cutlass::arch::NamedBarrier::arrive(kConsumerThreads, kPingPong + 0);  // WG 0 first
   mbar_wait(&s.q_full, 0);
 
-  // Tile 0 (or the sentinel): S_0 alone, no P V yet.
-  mbar_wait(&s.k_full[0], 0);
-  int32_t r0 = s.tile_row[0];
+  // Tile 0: S_0 alone, no P V yet.
+  TileWalker tiles = tile_walker(a, c);
+  int32_t r0 = tiles.next();
   int n = 0;
   float alpha[kRows];
   if (r0 >= 0) {
+    mbar_wait(&s.k_full[0], 0);
     wgmma<true>(mma_qk, tSrQ, tSrK(_, _, _, 0), tSrS);
     if (by_position) load_position(r0);
     warpgroup_wait<0>();
@@ -497,9 +530,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     clear(tOrO);
     for (n = 1;; ++n) {
       const int stage = n % kStages, prev = (n - 1) % kStages;
-      mbar_wait(&s.k_full[stage], (n / kStages) & 1);
-      r0 = s.tile_row[stage];
+      r0 = tiles.next();
       if (r0 < 0) break;
+      mbar_wait(&s.k_full[stage], (n / kStages) & 1);
       cutlass::arch::NamedBarrier::sync(kConsumerThreads, kPingPong + wg);
       wgmma<true>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
       mbar_wait(&s.v_full[prev], ((n - 1) / kStages) & 1);
