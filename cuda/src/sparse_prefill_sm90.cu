@@ -521,6 +521,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (r0 >= 0) {
     mbar_wait(&s.k_full[0], 0);
     wgmma<true>(mma_qk, tSrQ, tSrK(_, _, _, 0), tSrS);
+    // The next tile is found while the MMAs run (the walk loads 32 list entries at a time).
+    int32_t r_next = tiles.next();
     if (by_position) load_position(r0);
     warpgroup_wait<0>();
     warpgroup_fence_operand(tSrS);
@@ -528,16 +530,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     release(&s.k_empty[0]);
     convert_p();
     clear(tOrO);
-    for (n = 1;; ++n) {
+    for (n = 1; r_next >= 0; ++n) {
       const int stage = n % kStages, prev = (n - 1) % kStages;
-      r0 = tiles.next();
-      if (r0 < 0) break;
+      r0 = r_next;
       mbar_wait(&s.k_full[stage], (n / kStages) & 1);
       cutlass::arch::NamedBarrier::sync(kConsumerThreads, kPingPong + wg);
       wgmma<true>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
       mbar_wait(&s.v_full[prev], ((n - 1) / kStages) & 1);
       wgmma<false>(mma_pv, tOrP, tOrV(_, _, _, prev), tOrO);
       cutlass::arch::NamedBarrier::arrive(kConsumerThreads, kPingPong + (1 - wg));
+      r_next = tiles.next();
       if (by_position) load_position(r0);
       warpgroup_wait<1>();  // S_n done, P_(n-1) V_(n-1) may still run
       warpgroup_fence_operand(tSrS);
