@@ -10,7 +10,7 @@
 #   full       GPU tests, full tier                                                       tests.log
 #   sanitizer  compute-sanitizer memcheck (smoke + 4 small decode cases, the prefill key-position
 #              and empty-row cases, a set of mask-builder cases) and racecheck (decode smoke, two
-#              prefill cases)                                                             sanitizer.log
+#              prefill cases, the tensor-core last-block attention)                      sanitizer.log
 # PYTEST_K: a -k expression for the quick tier (spaces kept); PYTEST_ARGS: more pytest arguments.
 #   ncu        Nsight Compute, --set full, one steady launch of each kernel at B8/128K    ncu.txt
 #   ncuprefill Nsight Compute, --set full, one launch of each sparse_prefill kernel (fa2, sm90) at
@@ -22,6 +22,7 @@
 #   moa        bench/moa_bench.py (MoA window decode, MOA_ARGS)          bench.log, moa_bench.json
 #   serve      GPU tests of the decode loop (tests/test_runner.py -k cuda), then bench/e2e_bench.py
 #              (E2E_ARGS, default --quick)                        tests.log, bench.log, e2e_bench.json
+#   rest       bench/profile_model_step.py: a model step's kernels by kind (REST_ARGS)   bench.log
 #   gbench     absparse_bench_gpu (google-benchmark), carried in build/carry     bench.log, bench_gpu.json
 # The build log (with the ptxas register / spill report) is build.log: 8 files at most, the
 # device tool's limit.
@@ -145,6 +146,9 @@ if want sanitizer; then
     --tool racecheck --error-exitcode 9 --print-limit 40 "$PY" -m pytest \
     tests/test_gpu_prefill.py -q -x -p no:cacheprovider \
     -k "(key_positions and kv) or (sm90_random_lists and G4-D128-k128)"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step racecheck-masks sanitizer.log 40 120 "$SAN" \
+    --tool racecheck --error-exitcode 9 --print-limit 40 "$PY" -m pytest \
+    tests/test_gpu_prefill_masks.py -q -x -p no:cacheprovider -k "last_block and bfloat16"
 fi
 
 if want ncu; then
@@ -188,6 +192,10 @@ if want serve; then
     -p no:cacheprovider
   step e2e bench.log 60 420 "$PY" bench/e2e_bench.py ${E2E_ARGS:---quick} \
     --json "$OUT/e2e_bench.json"
+fi
+
+if want rest; then
+  step rest bench.log 40 240 "$PY" bench/profile_model_step.py ${REST_ARGS:-}
 fi
 
 if want gbench; then
