@@ -13,6 +13,7 @@ from . import torch_ops  # registers the absparse:: custom ops
 from .allocation import (allocate_block_sizes, describe_layout, head_recall,
                           layout_from_allocation, uniform_block_sizes)
 from .layout import LayerLayout, ModelLayout
+from .model_ops import rms_norm, rope_append, silu_mul
 from .moa import MoAPlan, moa_plan
 from .ops import (default_max_blocks, dense_decode, dequantize, quantize, select_blocks,
                   sparse_decode, update_centroids)
@@ -32,4 +33,5 @@ __all__ = ["LayerLayout", "ModelLayout", "update_centroids", "select_blocks", "s
            "head_recall", "allocate_block_sizes", "uniform_block_sizes", "layout_from_allocation",
            "describe_layout", "sparse_prefill", "dense_causal_block_lists", "flexprefill_mask",
            "pbs_permute", "pbs_mask", "last_block_attention", "vertical_slash_sums", "block_pool",
-           "pooled_block_scores", "js_distance", "coverage_select", "MoAPlan", "moa_plan"]
+           "pooled_block_scores", "js_distance", "coverage_select", "MoAPlan", "moa_plan",
+           "rms_norm", "silu_mul", "rope_append"]

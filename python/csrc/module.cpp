@@ -12,6 +12,7 @@ void register_decode(pybind11::module_& m);
 void register_calibration(pybind11::module_& m);
 void register_prefill(pybind11::module_& m);
 void register_prefill_masks(pybind11::module_& m);
+void register_model_ops(pybind11::module_& m);
 }  // namespace absparse::py_binding
 
 PYBIND11_MODULE(_C, m) {
@@ -31,4 +32,5 @@ PYBIND11_MODULE(_C, m) {
   absparse::py_binding::register_calibration(m);
   absparse::py_binding::register_prefill(m);
   absparse::py_binding::register_prefill_masks(m);
+  absparse::py_binding::register_model_ops(m);
 }
