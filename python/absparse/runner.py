@@ -16,7 +16,10 @@ State, all preallocated on the model's device when the runner is built:
   tokens int64 [B] (the step's input), logits float32 [B, vocab] (its output)
 
 ``prefill(input_ids)`` attends densely (SDPA, causal), writes the pages and summarizes every
-complete block. ``decode_step()`` appends one token per sequence and, per layer, runs
+complete block. ``decode_step()`` appends one token per sequence and, per layer, runs the four
+projections (torch matrix products), absparse's fused ``rope_append`` (RoPE of q and k, the K / V
+append), ``rms_norm`` (with the residual add) and ``silu_mul`` (``absparse.model_ops``: 4 small
+kernels per layer where framework ops take ~34; they round where transformers rounds), and
 ``update_centroids(max_new_tokens=1)`` -> ``select_blocks`` -> ``sparse_decode`` (``dense_decode``
 for the layers whose layout is ``None`` and in mode "dense"): no host synchronization, no shape
 that depends on a length, so on CUDA ``capture()`` records it once into a ``torch.cuda.CUDAGraph``
@@ -53,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from .layout import LayerLayout, ModelLayout
+from .model_ops import rms_norm, rope_append, silu_mul
 from .ops import default_max_blocks, dense_decode, select_blocks, sparse_decode, update_centroids
 
 __all__ = ["LlamaConfig", "LlamaRunner"]
@@ -304,6 +308,7 @@ class LlamaRunner:
         self.logits = torch.zeros(batch, cfg.vocab_size, dtype=torch.float32, device=dev)
         self.attn_out = torch.empty(batch, cfg.num_attention_heads, d, dtype=self.dtype,
                                     device=dev)                                     # [B, Hq, D]
+        self.q_step = torch.empty_like(self.attn_out)         # [B, Hq, D] the step's queries
 
     # --- the model -----------------------------------------------------------------------------
     def _qkv(self, layer: _Layer, x: torch.Tensor, cos, sin):
@@ -395,18 +400,22 @@ class LlamaRunner:
     def decode_step(self) -> torch.Tensor:
         """One token per sequence: ``self.tokens`` [B] in, float32 ``self.logits`` [B, vocab]
         out. Only device work on preallocated state: capturable in a CUDA graph."""
+        cfg = self.cfg
+        eps, hq = cfg.rms_norm_eps, cfg.num_attention_heads
         self.start_pos.copy_(self.seq_lens)                  # the new token's position
         self.seq_lens.add_(1)
-        pos = self.start_pos.to(torch.int64)                 # [B]
-        slots = self._slots(pos[:, None])[:, 0]              # [B]
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]   # [B, 1, D]
-        x = F.embedding(self.tokens, self.embed)             # [B, H]
+        x = F.embedding(self.tokens, self.embed)             # [B, H]: the residual stream
+        h = rms_norm(x, self.layers[0].input_norm, eps)      # [B, H]: the normed stream
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, x, cos, sin)          # [B, Hq | Hk, D]
-            self._write_kv(i, slots, k, v)
+            q = rope_append(F.linear(h, layer.qkv), self.cos, self.sin, self.k_pools[i],
+                            self.v_pools[i], self.page_table, self.start_pos, hq,
+                            q_out=self.q_step)               # [B, Hq, D]; K / V appended
             attn = self.attend_layer(i, q, self.attn_out)
-            x = self._mlp_block(layer, x, attn.flatten(1))
-        self.logits.copy_(self._logits(x))
+            h = rms_norm(F.linear(attn.flatten(1), layer.o), layer.post_norm, eps, residual=x)
+            mlp = F.linear(silu_mul(F.linear(h, layer.gate_up)), layer.down)
+            after = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
+            h = rms_norm(mlp, after, eps, residual=x)        # x += mlp; h = the next norm of x
+        self.logits.copy_(F.linear(h, self.lm_head).float())
         return self.logits
 
     # --- graph and loop ------------------------------------------------------------------------
