@@ -110,7 +110,7 @@ assert absparse._C.has_cuda and torch.cuda.is_available()" || exit 1
 export PYTHONUNBUFFERED=1
 if want quick; then
   step quick tests.log 60 330 "$PY" -m pytest tests/test_gpu.py tests/test_cuda_validation.py \
-    tests/test_gpu_prefill.py tests/test_gpu_prefill_masks.py \
+    tests/test_gpu_prefill.py tests/test_gpu_prefill_masks.py tests/test_gpu_model_ops.py \
     tests/test_sparse_prefill.py::test_devices \
     tests/test_moa.py::test_windows_on_the_gpu \
     -q -ra -m "not full" -p no:cacheprovider --durations=10 ${PYTEST_K:+-k "$PYTEST_K"} \
@@ -139,6 +139,9 @@ if want sanitizer; then
     tests/test_gpu_prefill_masks.py -q -x -p no:cacheprovider -k "coverage_select or block_pool \
     or pooled_block or js_distance or patterns_appear or (pbs_matches_cpu and seg512) \
     or (last_block and bfloat16) or feed_sparse_prefill"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck-model-ops sanitizer.log 30 90 "$SAN" \
+    --tool memcheck --error-exitcode 9 --print-limit 40 "$PY" -m pytest \
+    tests/test_gpu_model_ops.py -q -x -p no:cacheprovider -k "bad_device_values or 8200"
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 step racecheck sanitizer.log 60 120 "$SAN" --tool racecheck \
     --error-exitcode 9 --print-limit 40 "$PY" -m pytest tests/test_gpu.py -q -x \
     -p no:cacheprovider -k sanitizer_smoke
