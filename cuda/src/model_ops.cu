@@ -5,6 +5,11 @@
 //   reads back in pass 2 exactly the elements it wrote in pass 1 (no barrier needed between them
 //   beyond the reduction's). Rows whose pointers and stride are 16-byte aligned (H % 8 == 0) move
 //   8 elements per load; others one.
+// rms_norm_resident_kernel: the same arithmetic in the same order for aligned rows of at most
+//   kResidentChunks x 2048 elements (Llama's 4096: 2 chunks), with the row, its residual and the
+//   weight loaded once into registers before anything is reduced: one memory round trip instead
+//   of pass 2's re-read (a decode step calls rms_norm 2 L + 1 times on a handful of rows, where
+//   latency is the whole cost).
 // silu_mul_kernel: grid (column chunks, rows), 8 elements per thread when aligned.
 // rope_append_kernel: grid (pair chunks, B); one thread per rotated pair (i, i + D/2) of a q or k
 //   head, or per copied pair of a v head.
@@ -125,6 +130,56 @@ __global__ void __launch_bounds__(kThreads) rms_norm_kernel(const RmsArgs<T> a) 
   }
 }
 
+constexpr int kResidentChunks = 4;  // 16-byte chunks of a row per thread (H <= 8192)
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) rms_norm_resident_kernel(const RmsArgs<T> a) {
+  __shared__ float slots[kThreads / 32];
+  const int64_t n = blockIdx.x;
+  const T* x = a.x + n * a.x_stride;
+  T* res = a.residual != nullptr ? a.residual + n * a.residual_stride : nullptr;
+  T* out = a.out + n * a.out_stride;
+  Vec8<T> hv[kResidentChunks], rv[kResidentChunks], wv[kResidentChunks];
+#pragma unroll
+  for (int i = 0; i < kResidentChunks; ++i) {  // every load issued before any is used
+    const int64_t c = (threadIdx.x + static_cast<int64_t>(i) * kThreads) * kVec;
+    if (c < a.hidden) {
+      hv[i].word = *reinterpret_cast<const uint4*>(x + c);
+      if (res != nullptr) rv[i].word = *reinterpret_cast<const uint4*>(res + c);
+      wv[i].word = *reinterpret_cast<const uint4*>(a.weight + c);
+    }
+  }
+  float squares = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kResidentChunks; ++i) {
+    const int64_t c = (threadIdx.x + static_cast<int64_t>(i) * kThreads) * kVec;
+    if (c >= a.hidden) continue;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      if (res != nullptr) hv[i].v[e] = from_float<T>(__fadd_rn(to_float(hv[i].v[e]),
+                                                               to_float(rv[i].v[e])));
+      const float h = to_float(hv[i].v[e]);
+      squares = __fmaf_rn(h, h, squares);
+    }
+    if (res != nullptr) *reinterpret_cast<uint4*>(res + c) = hv[i].word;
+  }
+  const float total = block_sum(squares, slots);
+  const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(total, static_cast<float>(
+                                                              a.hidden)), a.eps)));
+#pragma unroll
+  for (int i = 0; i < kResidentChunks; ++i) {
+    const int64_t c = (threadIdx.x + static_cast<int64_t>(i) * kThreads) * kVec;
+    if (c >= a.hidden) continue;
+    Vec8<T> ov;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      const float normed = round_to<T>(__fmul_rn(to_float(hv[i].v[e]), inv));
+      ov.v[e] = from_float<T>(__fmul_rn(to_float(wv[i].v[e]), normed));
+    }
+    *reinterpret_cast<uint4*>(out + c) = ov.word;
+  }
+}
+
 template <typename T>
 void launch_rms_norm(const RmsNormParams& p) {
   RmsArgs<T> a;
@@ -143,7 +198,9 @@ void launch_rms_norm(const RmsNormParams& p) {
                       (p.residual == nullptr ||
                        (aligned16(p.residual) && p.residual_stride_row % kVec == 0));
   const dim3 grid(static_cast<unsigned>(p.rows));
-  if (vector) {
+  if (vector && p.hidden <= int64_t{kResidentChunks} * kThreads * kVec) {
+    rms_norm_resident_kernel<T><<<grid, kThreads, 0, to_stream(p.stream)>>>(a);
+  } else if (vector) {
     rms_norm_kernel<T, true><<<grid, kThreads, 0, to_stream(p.stream)>>>(a);
   } else {
     rms_norm_kernel<T, false><<<grid, kThreads, 0, to_stream(p.stream)>>>(a);
