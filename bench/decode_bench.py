@@ -24,6 +24,7 @@ Byte model (what each op must move; GB/s and % of the measured device-copy bandw
   python bench/decode_bench.py                      # every shape and layout (~4 min on an H200)
   python bench/decode_bench.py --quick              # B1/32K, B8/128K, mixed and uniform int4c
   python bench/decode_bench.py --json out.json --no-flex
+  python bench/decode_bench.py --shapes 1x32768,8x131072 --layouts mixed-minmax-int4c
 """
 from __future__ import annotations
 
@@ -289,6 +290,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (compiles)")
     ap.add_argument("--reps", type=int, default=30, help="timed replays per op (default 30)")
     ap.add_argument("--json", help="write all numbers to this JSON file")
+    ap.add_argument("--shapes", help="BxL,... (e.g. 1x32768,8x131072): these shapes instead")
+    ap.add_argument("--layouts", help="names from LAYOUTS, comma-separated: these layouts instead")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or not ab._C.has_cuda:
         print("decode_bench: needs a CUDA device and absparse built with its CUDA kernels",
@@ -301,6 +304,13 @@ def main(argv=None) -> int:
     timer = Timer(args.reps)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     layouts = QUICK_LAYOUTS if args.quick else list(LAYOUTS)
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    if args.layouts:
+        layouts = args.layouts.split(",")
+        unknown = [n for n in layouts if n not in LAYOUTS]
+        if unknown:
+            ap.error(f"--layouts: unknown {unknown}; choose from {list(LAYOUTS)}")
     rows = []
     for batch, length in shapes:
         print(f"B{batch} / {length // 1024}K", file=sys.stderr)
