@@ -14,8 +14,10 @@
 //     shared memory, all entries in parallel); ranges of more than kMaxEntries entries run in
 //     segments;
 //   - K and V tiles of 64 rows stream into shared memory with 16-byte cp.async (zero-filled for
-//     masked rows), `stages` buffers deep, one barrier per tile; the row addresses of a tile are
-//     computed once (64 threads, from the resolved entries) a tile ahead of its copies;
+//     masked rows), `stages` buffers deep, one barrier per tile; the rows' global byte addresses
+//     (0: masked) are computed once per tile (64 threads, from the resolved entries) a tile ahead
+//     of its copies, so a copy costs a shared load, an add and the cp.async (with element offsets
+//     and a computed source size it was ~20 instructions: 38 % of all at batch 1);
 //   - each warp owns 16 positions of a tile for both products, with its own online softmax (no
 //     cross-warp reduction per tile), operands swapped so that positions are the MMA's M and the
 //     group's heads its N (8 per n-tile, kNT = ceil(G / 8)): S^T = K Q^T, O^T += V^T P^T, with P
@@ -114,8 +116,8 @@ struct AttnLayout {
     int64_t k_base[kMaxEntries];           // element offset of an entry's first K row; -1: masked
     int64_t v_base[kMaxEntries];
   };
-  // After the tiles (or the merge area): the element offsets of each row of the stages + 1 tiles
-  // whose addresses are held (the stages in flight and the next one), K then V; -1: masked.
+  // After the tiles (or the merge area): the global byte address of each row of the stages + 1
+  // tiles whose addresses are held (the stages in flight and the next one), K then V; 0: masked.
   static constexpr size_t kRowOffsetBytes = 2 * sizeof(int64_t) * kTileRows;
   // Merge area (reuses the tile buffers once the pipeline has drained): the 4 warps' partials,
   // then the CTA's partial that the other CTAs of the cluster read.
@@ -146,6 +148,7 @@ __global__ void __launch_bounds__(kThreads)
   using Merge = typename L::Merge;
   constexpr int kG = L::kG;
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  static_assert(kThreads % kChunks == 0 && kTileRows % (kThreads / kChunks) == 0, "copy map");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   Fixed& fx = *reinterpret_cast<Fixed*>(smem_raw);
   unsigned char* tiles = smem_raw + sizeof(Fixed);
@@ -159,8 +162,8 @@ __global__ void __launch_bounds__(kThreads)
     const uint32_t t = static_cast<uint32_t>(tile);
     return static_cast<int>(offset_slots == 4 ? t & 3u : t % 3u);
   };
-  int64_t* row_k = reinterpret_cast<int64_t*>(tiles + L::tile_area_bytes(stages));  // [slot][row]
-  int64_t* row_v = row_k + offset_slots * kTileRows;
+  uint64_t* row_k = reinterpret_cast<uint64_t*>(tiles + L::tile_area_bytes(stages));  // [slot][row]
+  uint64_t* row_v = row_k + offset_slots * kTileRows;
   auto k_tile = [&](int stage) { return reinterpret_cast<T*>(tiles + (2 * stage) * L::kTileBytes); };
   auto v_tile = [&](int stage) {
     return reinterpret_cast<T*>(tiles + (2 * stage + 1) * L::kTileBytes);
@@ -241,40 +244,44 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
 
     const int64_t num_tiles = ceil_div(seg_end - seg_begin, kTileRows);
-    // Threads 0..63: the K / V row offsets of tile `tile` into offset slot tile % (stages + 1).
+    // Threads 0..63: the K / V row addresses of tile `tile` into offset slot tile % (stages + 1).
     auto offsets = [&](int64_t tile) {
       if (tid < kTileRows && tile < num_tiles) {
         const int64_t pos = seg_begin + tile * kTileRows + tid;
-        int64_t ko = -1, vo = -1;
+        uint64_t kp = 0, vp = 0;
         if (pos < seg_end) {
           const int64_t e = (pos >> log2_bs) - e0;
           const int64_t kb = fx.k_base[e];
           if (kb >= 0) {
             const int64_t off = pos & block_mask;
-            ko = kb + off * a.k_stride_token;
-            vo = fx.v_base[e] + off * a.v_stride_token;
+            kp = reinterpret_cast<uint64_t>(kbase + kb + off * a.k_stride_token);
+            vp = reinterpret_cast<uint64_t>(vbase + fx.v_base[e] + off * a.v_stride_token);
           }
         }
         const int slot = slot_of(tile);
-        row_k[slot * kTileRows + tid] = ko;
-        row_v[slot * kTileRows + tid] = vo;
+        row_k[slot * kTileRows + tid] = kp;
+        row_v[slot * kTileRows + tid] = vp;
       }
     };
-    // All threads: cp.async of a tile's K and V rows, thread -> chunk i % (D / 8) of row
-    // i / (D / 8) for i = tid + 128 it, so that a warp's copy instruction reads whole rows (two
+    // All threads: cp.async of a tile's K and V rows, thread -> chunk tid % (D / 8) of rows
+    // tid / (D / 8) + kRowsPerPass it, so that a warp's copy instruction reads whole rows (two
     // at D 128). (Two threads per row, each reading its row offsets once, measured 1.3x slower
     // on the H200: each copy instruction then touches 16 rows.)
+    constexpr int kRowsPerPass = kThreads / kChunks;
+    const int copy_row = tid / kChunks, copy_col = (tid % kChunks) * 8;
     auto issue = [&](int64_t tile, int stage) {
       T* kt = k_tile(stage);
       T* vt = v_tile(stage);
-      const int slot = slot_of(tile);
+      const uint64_t* krows = row_k + slot_of(tile) * kTileRows + copy_row;
+      const uint64_t* vrows = row_v + slot_of(tile) * kTileRows + copy_row;
 #pragma unroll
-      for (int it = 0; it < kTileRows * kChunks / kThreads; ++it) {
-        const int i = tid + it * kThreads;
-        const int row = i / kChunks, c = i % kChunks;
-        const int64_t ko = row_k[slot * kTileRows + row], vo = row_v[slot * kTileRows + row];
-        cp_async_16(kt + swz<D>(row, c * 8), kbase + (ko >= 0 ? ko + c * 8 : 0), ko >= 0);
-        cp_async_16(vt + swz<D>(row, c * 8), vbase + (vo >= 0 ? vo + c * 8 : 0), vo >= 0);
+      for (int it = 0; it < kTileRows / kRowsPerPass; ++it) {
+        const int row = copy_row + it * kRowsPerPass;
+        const uint64_t kp = krows[it * kRowsPerPass], vp = vrows[it * kRowsPerPass];
+        cp_async_16(kt + swz<D>(row, copy_col), reinterpret_cast<const T*>(kp) + copy_col,
+                    kp != 0);
+        cp_async_16(vt + swz<D>(row, copy_col), reinterpret_cast<const T*>(vp) + copy_col,
+                    vp != 0);
       }
     };
     for (int t = 0; t < stages - 1; ++t) offsets(t);
@@ -285,22 +292,23 @@ __global__ void __launch_bounds__(kThreads)
     }
     offsets(stages - 1);
 
-    for (int64_t t = 0; t < num_tiles; ++t) {
-      const int stage = static_cast<int>(t % stages);
+    // stage: the buffer of tile t; fill: the buffer of tile t + stages - 1 (counters, not a
+    // remainder by the run-time depth per tile).
+    auto next_stage = [stages](int s) { return s + 1 == stages ? 0 : s + 1; };
+    int stage = 0, fill = stages - 1;
+    for (int64_t t = 0; t < num_tiles; ++t, stage = next_stage(stage), fill = next_stage(fill)) {
       cp_async_wait(stages - 2);  // tile t has landed (this thread's copies)
       __syncthreads();  // everyone's copies and offsets; everyone is done with tile t - 1
-      if (t + stages - 1 < num_tiles) {
-        issue(t + stages - 1, static_cast<int>((t + stages - 1) % stages));
-      }
+      if (t + stages - 1 < num_tiles) issue(t + stages - 1, fill);
       cp_async_commit();
       offsets(t + stages);  // the slot of tile t - 1 (stages + 1 slots), which nobody reads now
 
       const T* kt = k_tile(stage);
       const T* vt = v_tile(stage);
       const int r0 = 16 * warp;  // this warp's rows of the tile
-      const int64_t* tile_rows = row_k + slot_of(t) * kTileRows;
-      const bool ok_lo = tile_rows[r0 + gid] >= 0;
-      const bool ok_hi = tile_rows[r0 + gid + 8] >= 0;
+      const uint64_t* tile_rows = row_k + slot_of(t) * kTileRows;
+      const bool ok_lo = tile_rows[r0 + gid] != 0;
+      const bool ok_hi = tile_rows[r0 + gid + 8] != 0;
       valid_rows += __popc(__ballot_sync(kFullMask, ok_lo && tq == 0)) +
                     __popc(__ballot_sync(kFullMask, ok_hi && tq == 0));
       if (!__any_sync(kFullMask, ok_lo || ok_hi)) continue;  // nothing of this warp's rows
