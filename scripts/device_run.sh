@@ -6,7 +6,8 @@
 #   STEPS="quick sanitizer ncu bench" bash scripts/device_run.sh
 #
 # Steps (in this order; skipped when fewer seconds than they need are left of BUDGET_S):
-#   quick      GPU tests, quick tier (tests/test_gpu*.py, tests/test_cuda_validation.py) tests.log
+#   quick      GPU tests, quick tier (tests/test_gpu*.py, tests/test_cuda_validation.py, the GPU
+#              tests of other files)                                                      tests.log
 #   full       GPU tests, full tier                                                       tests.log
 #   sanitizer  compute-sanitizer memcheck (smoke + 4 small decode cases, the prefill key-position
 #              and empty-row cases, a set of mask-builder cases) and racecheck (decode smoke, two
@@ -113,6 +114,7 @@ if want quick; then
     tests/test_gpu_prefill.py tests/test_gpu_prefill_masks.py tests/test_gpu_model_ops.py \
     tests/test_sparse_prefill.py::test_devices \
     tests/test_moa.py::test_windows_on_the_gpu \
+    tests/test_hf_prefill.py::test_bf16_sparse_prefill_on_each_device_matches_masked_float64_attention \
     -q -ra -m "not full" -p no:cacheprovider --durations=10 ${PYTEST_K:+-k "$PYTEST_K"} \
     ${PYTEST_ARGS:-}
 fi

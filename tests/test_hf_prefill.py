@@ -10,17 +10,22 @@ Tolerance of the logits against transformers' SDPA forward: both are float32 for
 math, the op accumulates in float64 and rounds once, SDPA accumulates in float32. Measured max
 difference 1.7e-6 of max|logit|; the bound 1e-5 * max|logit| leaves room for other BLAS builds
 while a wrong block or a wrong causal test (an error of the order of the logits) fails it.
+
+The same check in bf16 with D 64 and 64-token blocks (what the CUDA kernels take) runs on the CPU
+and, where absparse has its CUDA kernels and a GPU is present, on CUDA tensors: there the mask
+builders and the prefill kernel run on the GPU inside transformers' forward.
 """
+import importlib.util
 import math
 
 import pytest
 import torch
 
 import absparse
-from absparse.eval.models import have_eval_dependencies
 
-_missing = have_eval_dependencies()
-pytestmark = pytest.mark.skipif(_missing is not None, reason=f"evaluation stack: {_missing}")
+# Only transformers: the models here are built from configs (no GGUF, no evaluation stack).
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                reason="transformers is not installed")
 
 BLOCK = 32
 LENGTH = 200                      # not a multiple of the block: a partial last block
@@ -89,14 +94,56 @@ def _masked_attention64(q, k, v, allowed, scaling):
     return w @ v.double()
 
 
-def _allowed(indices, count, rows_block):
+def _allowed(indices, count, rows_block, block, length):
     """bool [S, S]: query t may see stored key row r iff r's block is listed for t's block;
-    ``rows_block`` [S] is the block of each key column (its stored row // BLOCK)."""
+    ``rows_block`` [S] is the block of each key column (its stored row // block)."""
     listed = torch.zeros(indices.shape[0], indices.shape[1] + 1, dtype=torch.bool)   # [Nq, M+1]
     for i in range(indices.shape[0]):
         listed[i, indices[i, :count[i]].long()] = True
-    t_block = torch.arange(LENGTH) // BLOCK
+    t_block = torch.arange(length) // block
     return listed[t_block][:, rows_block]                            # [S, S]
+
+
+def _assert_matches_lists(call, mode, block, config, length, tol):
+    """One recorded prefill call: the builder run again on the recorded q / k / v (same device,
+    same dtype) gives the layer's density, and every output row equals float64 attention of the
+    ORIGINAL-order q/k/v under the mask its lists (and, for pbs, the key permutation) expand to."""
+    from absparse.prefill_masks import flexprefill_mask, pbs_mask, pbs_permute
+
+    layer, query, key, value, scaling, out = call
+    b, hq, s, d = query.shape
+    hk = key.shape[1]
+    q = query.transpose(1, 2).reshape(b * s, hq, d)                  # packed [T, Hq, D]
+    k = key.transpose(1, 2).reshape(b * s, hk, d)
+    v = value.transpose(1, 2).reshape(b * s, hk, d)
+    cu = (torch.arange(b + 1, dtype=torch.int32) * s).to(q.device)
+    if mode == "flexprefill":
+        idx, cnt, info = flexprefill_mask(q, k, cu, block, gamma=config["gamma"],
+                                          min_budget=config["min_budget"], scale=scaling)
+        pos = None
+    else:
+        seg = config["segment_size"]
+        k_perm, _, pos = pbs_permute(q, k, v, cu, block, seg, scale=scaling)
+        idx, cnt, info = pbs_mask(q, k_perm, cu, pos, block, seg, threshold=config["threshold"],
+                                  scale=scaling)
+        pos = pos.cpu()
+    assert torch.equal(layer.prefill_density, info["density"])
+    idx, cnt, q, k, v, out = (t.cpu() for t in (idx, cnt, q, k, v, out))
+    group = hq // idx.shape[1]
+    for seq in range(b):
+        rows = slice(seq * s, (seq + 1) * s)
+        for h in range(hq):
+            lh, kh = h // group, h // (hq // hk)
+            if pos is None:
+                col_block = torch.arange(s) // block                 # key p is stored at row p
+            else:                                                    # key p is stored at row r
+                inv = torch.argsort(pos[rows, kh].long())            # with pos[r] = p
+                col_block = inv // block
+            allowed = _allowed(idx[seq, lh], cnt[seq, lh], col_block, block, length)
+            allowed &= torch.ones(s, s, dtype=torch.bool).tril()     # causal on positions
+            ref = _masked_attention64(q[rows, h], k[rows, kh], v[rows, kh], allowed, scaling)
+            err = (out[seq, :, h].double() - ref).abs().max().item()
+            assert err <= tol, (seq, h, err)
 
 
 @pytest.mark.parametrize("mode,kwargs", [("causal", dict(block_size=BLOCK)),
@@ -124,8 +171,6 @@ def test_dense_mode_records_no_density(tiny):
 def test_sparse_prefill_matches_masked_float64_attention(tiny, monkeypatch, mode):
     """The layer output equals float64 attention of the ORIGINAL-order q/k/v under the mask
     that the builder's lists (and, for pbs, the key permutation) expand to."""
-    from absparse.prefill_masks import flexprefill_mask, pbs_mask, pbs_permute
-
     model, ids = tiny
     calls = _record_prefill(monkeypatch)
     cache = _cache(model, mode, **SPARSE[mode])
@@ -134,36 +179,50 @@ def test_sparse_prefill_matches_masked_float64_attention(tiny, monkeypatch, mode
     assert len(calls) == 2
     dens = cache.prefill_densities()
     assert all(0 < d <= 1 for d in dens) and min(dens) < 1, dens
-    layer, query, key, value, scaling, out = calls[0]
-    b, hq, s, d = query.shape
-    hk = key.shape[1]
-    q = query.transpose(1, 2).reshape(b * s, hq, d)                  # packed [T, Hq, D]
-    k = key.transpose(1, 2).reshape(b * s, hk, d)
-    v = value.transpose(1, 2).reshape(b * s, hk, d)
-    cu = torch.arange(b + 1, dtype=torch.int32) * s
-    if mode == "flexprefill":
-        idx, cnt, info = flexprefill_mask(q, k, cu, BLOCK, gamma=0.5, min_budget=64,
-                                          scale=scaling)
-        pos = None
-    else:
-        k_perm, _, pos = pbs_permute(q, k, v, cu, BLOCK, 64, scale=scaling)
-        idx, cnt, info = pbs_mask(q, k_perm, cu, pos, BLOCK, 64, threshold=0.5, scale=scaling)
-    assert torch.equal(layer.prefill_density, info["density"])
-    group = hq // idx.shape[1]
-    for seq in range(b):
-        rows = slice(seq * s, (seq + 1) * s)
-        for h in range(hq):
-            lh, kh = h // group, h // (hq // hk)
-            if pos is None:
-                col_block = torch.arange(s) // BLOCK                 # key p is stored at row p
-            else:                                                    # key p is stored at row r
-                inv = torch.argsort(pos[rows, kh].long())            # with pos[r] = p
-                col_block = inv // BLOCK
-            allowed = _allowed(idx[seq, lh], cnt[seq, lh], col_block)
-            allowed &= torch.ones(s, s, dtype=torch.bool).tril()     # causal on positions
-            ref = _masked_attention64(q[rows, h], k[rows, kh], v[rows, kh], allowed, scaling)
-            err = (out[seq, :, h].double() - ref).abs().max().item()
-            assert err <= 1e-5 * max(v.abs().max().item(), 1.0), (seq, h, err)
+    _assert_matches_lists(calls[0], mode, BLOCK, SPARSE[mode], LENGTH,
+                          tol=1e-5 * max(calls[0][3].abs().max().item(), 1.0))
+
+
+# bf16, D 64 and 64-token blocks: what the CUDA kernels take (the CPU runs the same case, so the
+# check itself is exercised where no GPU is present).
+DEVICE_LENGTH = 520               # 9 blocks of 64, the last partial
+DEVICE_SPARSE = {"flexprefill": dict(block_size=64, min_budget=64, gamma=0.5),
+                 "pbs": dict(block_size=64, segment_size=128, threshold=0.5)}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("mode", ["flexprefill", "pbs"])
+def test_bf16_sparse_prefill_on_each_device_matches_masked_float64_attention(device, mode,
+                                                                              monkeypatch):
+    """The transformers prefill modes on bf16 tensors of `device` (on CUDA: the mask builders and
+    the prefill kernel on the GPU): each layer's output equals float64 attention under the mask
+    its lists expand to. Tolerance: the output is rounded to bf16 once (relative 2^-9) after a
+    float32 / float64 accumulation; 2^-8 of max|v| leaves a 2x margin, while a wrong block or
+    causal test gives errors of the order of |v|."""
+    if device == "cuda" and not (torch.cuda.is_available()
+                                 and getattr(absparse._C, "has_cuda", False)):
+        pytest.skip("needs a CUDA device and absparse's CUDA kernels")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from absparse import hf
+
+    hf.register()
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                      max_position_embeddings=1024, initializer_range=0.25)
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(cfg).eval().to(device, torch.bfloat16)
+    ids = torch.randint(0, cfg.vocab_size, (2, DEVICE_LENGTH)).to(device)
+    calls = _record_prefill(monkeypatch)
+    cache = _cache(model, mode, **DEVICE_SPARSE[mode])
+    logits = _forward(model, ids, cache)
+    assert torch.isfinite(logits).all()
+    assert len(calls) == 2
+    dens = cache.prefill_densities()
+    assert all(0 < d <= 1 for d in dens) and min(dens) < 1, dens
+    for call in calls:
+        _assert_matches_lists(call, mode, 64, DEVICE_SPARSE[mode], DEVICE_LENGTH,
+                              tol=2 ** -8 * max(call[3].abs().max().item(), 1.0))
 
 
 def test_pbs_cache_keeps_original_order(tiny, monkeypatch):
