@@ -16,8 +16,8 @@
 //   - K and V tiles of 64 rows stream into shared memory with 16-byte cp.async (zero-filled for
 //     masked rows), `stages` buffers deep, one barrier per tile; the rows' global byte addresses
 //     (0: masked) are computed once per tile (64 threads, from the resolved entries) a tile ahead
-//     of its copies, so a copy costs a shared load, an add and the cp.async (with element offsets
-//     and a computed source size it was ~20 instructions: 38 % of all at batch 1);
+//     of its copies, so a copy costs a shared load, a null test, an add and the cp.async (with
+//     element offsets and a computed source size it was ~20 instructions: 38 % of all at batch 1);
 //   - each warp owns 16 positions of a tile for both products, with its own online softmax (no
 //     cross-warp reduction per tile), operands swapped so that positions are the MMA's M and the
 //     group's heads its N (8 per n-tile, kNT = ceil(G / 8)): S^T = K Q^T, O^T += V^T P^T, with P
@@ -118,7 +118,7 @@ struct AttnLayout {
   };
   // After the tiles (or the merge area): the global byte address of each row of the stages + 1
   // tiles whose addresses are held (the stages in flight and the next one), K then V; 0: masked.
-  static constexpr size_t kRowOffsetBytes = 2 * sizeof(int64_t) * kTileRows;
+  static constexpr size_t kRowOffsetBytes = 2 * sizeof(uint64_t) * kTileRows;
   // Merge area (reuses the tile buffers once the pipeline has drained): the 4 warps' partials,
   // then the CTA's partial that the other CTAs of the cluster read.
   struct Merge {
