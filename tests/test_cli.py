@@ -112,6 +112,7 @@ BAD_ARGS = [
     (["run", "--methods", "quest,quest"], "--methods: a method is listed twice"),
     (["run", "--methods", "dense"], "'dense' is always evaluated"),
     (["run", "--batch-size", "0"], "--batch-size: expected an integer >= 1"),
+    (["run", "--first-seed", "-1"], "--first-seed: expected an integer >= 0"),
     (["run", "--prefill", "dense,minference"], "--prefill: expected modes from dense, causal, "
                                                "flexprefill, pbs, got 'minference'"),
     (["run", "--prefill", "pbs,pbs"], "--prefill: a mode is listed twice"),

@@ -91,6 +91,19 @@ def test_suite_size_and_split_checks():
         tasks.make_sample("passkey", 500, 1.5, 0, count)
 
 
+def test_first_seed_continues_a_run_with_new_samples():
+    """--first-seed N draws the seeds after a run of N: seeds 0-1 then 2-3 give the samples of
+    seeds 0-3, with no sample twice."""
+    kw = dict(tasks=["passkey"], depths=(0.3, 0.7))
+    first = tasks.eval_suite(count, [400], seeds_per_cell=2, **kw)
+    later = tasks.eval_suite(count, [400], seeds_per_cell=2, first_seed=2, **kw)
+    whole = tasks.eval_suite(count, [400], seeds_per_cell=4, **kw)
+    assert {s.id for s in first}.isdisjoint({s.id for s in later})
+    assert sorted(s.id for s in first + later) == sorted(s.id for s in whole)
+    by_id = {s.id: s.prompt for s in whole}
+    assert all(by_id[s.id] == s.prompt for s in first + later)
+
+
 def test_score_output_string_match():
     s = tasks.make_sample("passkey", 400, 0.5, 0, count)
     assert tasks.score_output(s, f" {s.answers[0]}.") == 1.0

@@ -195,6 +195,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    help="needle depths in [0, 1] (share of the context before the needle), "
                         "comma separated")
     g.add_argument("--seeds", type=int, default=1, help="samples per task x length x depth")
+    g.add_argument("--first-seed", type=int, default=0,
+                   help="the first sample seed (seeds first .. first + seeds - 1): a later run with "
+                        "--first-seed N draws new samples, disjoint from a run of N seeds")
     g.add_argument("--fillers", default="essay",
                    help="haystack text, comma separated: essay, noise (RULER's repeated "
                         "sentences)")
@@ -413,7 +416,7 @@ def check_args(args) -> None:
         except ValueError as e:
             raise CliError(f"--prefill-decode: {e}") from None
         _check_at_least(args, 1, "seeds", "batch_size", "ppl_length")
-        _check_at_least(args, 0, "ppl_samples")
+        _check_at_least(args, 0, "ppl_samples", "first_seed")
     if args.cmd == "eval":
         cal_dir = Path(args.calibration)
         if not cal_dir.is_dir():

@@ -277,15 +277,16 @@ def eval_suite(count_tokens: Callable[[str], int], lengths: Sequence[int],
                tasks: Sequence[str] = ("passkey", "multikey", "vartrack"),
                depths: Sequence[float] = (0.1, 0.5, 0.9), seeds_per_cell: int = 1,
                ppl_samples: int = 0, ppl_length: Optional[int] = None,
-               fillers: Sequence[str] = ("essay",)) -> List[Sample]:
-    """The evaluation samples: every task x length x depth x seed (x filler), plus ``ppl_samples``
-    perplexity documents of ``ppl_length`` tokens (default: the longest length)."""
+               fillers: Sequence[str] = ("essay",), first_seed: int = 0) -> List[Sample]:
+    """The evaluation samples: every task x length x depth x seed (seeds ``first_seed`` ..
+    ``first_seed + seeds_per_cell - 1``; x filler), plus ``ppl_samples`` perplexity documents of
+    ``ppl_length`` tokens (default: the longest length)."""
     counter = _Counter(count_tokens)
     out = []
     for task in tasks:
         for length in lengths:
             for depth in depths:
-                for seed in range(seeds_per_cell):
+                for seed in range(first_seed, first_seed + seeds_per_cell):
                     for filler in fillers:
                         out.append(make_sample(task, length, depth, seed, count_tokens, "eval",
                                                filler, counter))
