@@ -3,8 +3,8 @@ hand-made table, and the paired task statistics on hand-written evaluation recor
 import pytest
 import torch
 
-from absparse.eval.stats import (bootstrap_ci, comparisons, decidable_cells, mcnemar,
-                                 paired_bootstrap, paired_task_stats, t_interval)
+from absparse.eval.stats import (PooledRuns, bootstrap_ci, comparisons, decidable_cells,
+                                 mcnemar, paired_bootstrap, paired_task_stats, t_interval)
 
 
 def test_constant_sample_has_a_zero_width_interval():
@@ -114,3 +114,22 @@ def test_paired_task_stats_by_hand():
     dec = {(s["method"], s["reference"]): s for s in paired_task_stats(res, True)}
     assert dec[("ab-quest-int4c", "ab-quest")]["delta"] == pytest.approx(-25.0)
     assert dec[("ab-quest-int4c", "ab-quest")]["n"] == 4
+
+
+def test_pooled_runs_equal_one_run_of_all_samples():
+    """Two runs over disjoint samples pooled give the statistics of one run holding them all;
+    a sample in both runs, or runs of other methods, raise."""
+    rows = _records()
+    first = [r for r in rows if r["id"] in ("p0", "p1", "v0", "v1")]
+    second = [r for r in rows if r["id"] in ("p2", "p3", "v2", "v3")]
+    pooled = PooledRuns([first, second])
+    assert pooled.methods == ["quest", "ab-quest", "ab-quest-int4c"]
+    assert pooled.budget_keys() == ["4%"] and pooled.samples() == 8
+    whole = paired_task_stats(_Result(rows, pooled.methods, ["4%"]))
+    assert paired_task_stats(pooled) == whole
+    with pytest.raises(ValueError, match="run 1: sample 'p0' of dense"):
+        PooledRuns([first, first])
+    with pytest.raises(ValueError, match="run 1: expected the methods and budgets of run 0"):
+        PooledRuns([first, [r for r in second if r["method"] != "ab-quest"]])
+    with pytest.raises(ValueError, match="at least one run"):
+        PooledRuns([])

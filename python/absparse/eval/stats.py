@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 __all__ = ["bootstrap_ci", "paired_bootstrap", "mcnemar", "t_interval", "DEFAULT_RESAMPLES",
-           "decidable_cells", "comparisons", "paired_task_stats", "paired_report"]
+           "decidable_cells", "comparisons", "paired_task_stats", "paired_report", "PooledRuns"]
 
 DEFAULT_RESAMPLES = 4000
 
@@ -226,3 +226,50 @@ def paired_report(result) -> Tuple[List[str], dict]:
                          f"{s['delta']:+.1f} [{s['lo']:+.1f}, {s['hi']:+.1f}] | {s['n']} | "
                          f"{s['wins']}/{s['losses']} | {s['p']:.3f} |")
     return lines, data
+
+
+class PooledRuns:
+    """The records of several evaluation runs (their ``results.jsonl`` lines) as one result for
+    :func:`paired_report`: runs over disjoint samples (e.g. ``--first-seed``) with the same
+    methods and budgets. A (method, budget, sample) seen twice, or runs whose methods or budgets
+    differ, raise ``ValueError`` (pooling them would count a sample twice or pair unlike runs)."""
+
+    def __init__(self, runs: Sequence[Sequence[dict]]):
+        if len(runs) < 1:
+            raise ValueError("PooledRuns: runs: expected at least one run, got none")
+        shapes = []
+        for run in runs:
+            methods = []
+            for r in run:
+                if r["method"] not in methods:
+                    methods.append(r["method"])
+            budgets = sorted({r["budget"] for r in run if r["budget"] is not None})
+            shapes.append((methods, budgets))
+        for i, shape in enumerate(shapes[1:], 1):
+            if sorted(shape[0]) != sorted(shapes[0][0]) or shape[1] != shapes[0][1]:
+                raise ValueError(f"PooledRuns: run {i}: expected the methods and budgets of run 0 "
+                                 f"{shapes[0]}, got {shape}")
+        seen = set()
+        self.records = []
+        for i, run in enumerate(runs):
+            for r in run:
+                key = (r["method"], r["budget"], r["id"])
+                if key in seen:
+                    raise ValueError(f"PooledRuns: run {i}: sample {r['id']!r} of {r['method']} at "
+                                     f"budget {r['budget']} is already in an earlier run")
+                seen.add(key)
+                self.records.append(r)
+        self.methods = [m for m in shapes[0][0] if m != "dense"]
+        # Budget keys in the order of the runs' records ("4%", "8%", "12.5%", or token counts).
+        order = []
+        for r in runs[0]:
+            if r["budget"] is not None and r["budget"] not in order:
+                order.append(r["budget"])
+        self._budgets = order
+
+    def budget_keys(self) -> List[str]:
+        return list(self._budgets)
+
+    def samples(self) -> int:
+        """Task samples (ppl documents excluded), counted by dense's records."""
+        return sum(1 for r in self.records if r["method"] == "dense" and r["task"] != "ppl")
