@@ -67,13 +67,43 @@ __device__ inline float block_sum(float v, float* slots) {
   return total;
 }
 
+// The arithmetic both rms_norm kernels share, one definition so that they round alike.
+// One row's pointers (grid: one CTA per row).
+template <typename T>
+struct RmsRow {
+  const T* x;
+  T* res;  // or null
+  T* out;
+  __device__ explicit RmsRow(const RmsArgs<T>& a) {
+    const int64_t n = blockIdx.x;
+    x = a.x + n * a.x_stride;
+    res = a.residual != nullptr ? a.residual + n * a.residual_stride : nullptr;
+    out = a.out + n * a.out_stride;
+  }
+};
+// h = T(x + residual), rounded to T as transformers' residual stream is.
+template <typename T>
+__device__ inline T residual_add(T x, T residual) {
+  return from_float<T>(__fadd_rn(to_float(x), to_float(residual)));
+}
+// 1 / sqrt(mean(h^2) + eps) from the row's sum of squares.
+__device__ inline float inverse_rms(float sum_of_squares, int64_t hidden, float eps) {
+  return __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(
+                             __fdiv_rn(sum_of_squares, static_cast<float>(hidden)), eps)));
+}
+// out = T(weight * T(h * inv)).
+template <typename T>
+__device__ inline T rms_scaled(T h, T weight, float inv) {
+  const float normed = round_to<T>(__fmul_rn(to_float(h), inv));
+  return from_float<T>(__fmul_rn(to_float(weight), normed));
+}
+
 template <typename T, bool kVector>
 __global__ void __launch_bounds__(kThreads) rms_norm_kernel(const RmsArgs<T> a) {
   __shared__ float slots[kThreads / 32];
-  const int64_t n = blockIdx.x;
-  const T* x = a.x + n * a.x_stride;
-  T* res = a.residual != nullptr ? a.residual + n * a.residual_stride : nullptr;
-  T* out = a.out + n * a.out_stride;
+  const RmsRow<T> row(a);
+  const T *x = row.x;
+  T *res = row.res, *out = row.out;
   constexpr int kStep = kVector ? kVec : 1;
   // Pass 1: h (into the residual), sum of squares.
   float squares = 0.0f;
@@ -90,7 +120,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_kernel(const RmsArgs<T> a) 
     for (int e = 0; e < kStep; ++e) {
       float h = to_float(xv.v[e]);
       if (res != nullptr) {
-        rv.v[e] = from_float<T>(__fadd_rn(h, to_float(rv.v[e])));
+        rv.v[e] = residual_add(xv.v[e], rv.v[e]);
         h = to_float(rv.v[e]);
       }
       squares = __fmaf_rn(h, h, squares);
@@ -103,9 +133,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_kernel(const RmsArgs<T> a) 
       }
     }
   }
-  const float total = block_sum(squares, slots);
-  const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(total, static_cast<float>(
-                                                              a.hidden)), a.eps)));
+  const float inv = inverse_rms(block_sum(squares, slots), a.hidden, a.eps);
   // Pass 2: the elements this thread wrote (or read) in pass 1.
   const T* h_row = res != nullptr ? res : x;
   for (int64_t c = threadIdx.x * kStep; c < a.hidden; c += kThreads * kStep) {
@@ -118,10 +146,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_kernel(const RmsArgs<T> a) 
       wv.v[0] = a.weight[c];
     }
 #pragma unroll
-    for (int e = 0; e < kStep; ++e) {
-      const float normed = round_to<T>(__fmul_rn(to_float(hv.v[e]), inv));
-      ov.v[e] = from_float<T>(__fmul_rn(to_float(wv.v[e]), normed));
-    }
+    for (int e = 0; e < kStep; ++e) ov.v[e] = rms_scaled(hv.v[e], wv.v[e], inv);
     if (kVector) {
       *reinterpret_cast<uint4*>(out + c) = ov.word;
     } else {
@@ -135,10 +160,9 @@ constexpr int kResidentChunks = 4;  // 16-byte chunks of a row per thread (H <= 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) rms_norm_resident_kernel(const RmsArgs<T> a) {
   __shared__ float slots[kThreads / 32];
-  const int64_t n = blockIdx.x;
-  const T* x = a.x + n * a.x_stride;
-  T* res = a.residual != nullptr ? a.residual + n * a.residual_stride : nullptr;
-  T* out = a.out + n * a.out_stride;
+  const RmsRow<T> row(a);
+  const T* x = row.x;
+  T *res = row.res, *out = row.out;
   Vec8<T> hv[kResidentChunks], rv[kResidentChunks], wv[kResidentChunks];
 #pragma unroll
   for (int i = 0; i < kResidentChunks; ++i) {  // every load issued before any is used
@@ -156,26 +180,20 @@ __global__ void __launch_bounds__(kThreads) rms_norm_resident_kernel(const RmsAr
     if (c >= a.hidden) continue;
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
-      if (res != nullptr) hv[i].v[e] = from_float<T>(__fadd_rn(to_float(hv[i].v[e]),
-                                                               to_float(rv[i].v[e])));
+      if (res != nullptr) hv[i].v[e] = residual_add(hv[i].v[e], rv[i].v[e]);
       const float h = to_float(hv[i].v[e]);
       squares = __fmaf_rn(h, h, squares);
     }
     if (res != nullptr) *reinterpret_cast<uint4*>(res + c) = hv[i].word;
   }
-  const float total = block_sum(squares, slots);
-  const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(total, static_cast<float>(
-                                                              a.hidden)), a.eps)));
+  const float inv = inverse_rms(block_sum(squares, slots), a.hidden, a.eps);
 #pragma unroll
   for (int i = 0; i < kResidentChunks; ++i) {
     const int64_t c = (threadIdx.x + static_cast<int64_t>(i) * kThreads) * kVec;
     if (c >= a.hidden) continue;
     Vec8<T> ov;
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) {
-      const float normed = round_to<T>(__fmul_rn(to_float(hv[i].v[e]), inv));
-      ov.v[e] = from_float<T>(__fmul_rn(to_float(wv[i].v[e]), normed));
-    }
+    for (int e = 0; e < kVec; ++e) ov.v[e] = rms_scaled(hv[i].v[e], wv[i].v[e], inv);
     *reinterpret_cast<uint4*>(out + c) = ov.word;
   }
 }
