@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import shlex
 import subprocess
@@ -118,6 +117,8 @@ def _per_sample_costs(timings) -> dict:
 def projection(timings, paired: dict, workers: int) -> list:
     """The full setting's time, and the decidable samples a +-2-point interval needs, from the
     measured seconds per sample (``timings``: timing.json objects of passkey-only evaluations)."""
+    from absparse.eval.stats import samples_for_half_width
+
     full = SCALES["full"]["eval"]
     costs = _per_sample_costs(timings)
     lengths = [int(x) for x in _flag(full, "--lengths").split(",")]
@@ -162,8 +163,8 @@ def projection(timings, paired: dict, workers: int) -> list:
                   "| comparison | budget | w/l of n | samples needed | hours on "
                   f"{workers} workers |", "|---|---|---|---|---|"]
         for r in rows:
-            w, l = r["wins"] / r["n"], r["losses"] / r["n"]
-            need = math.ceil((w + l - (w - l) ** 2) * (Z95 * 100 / TARGET_HALF_WIDTH) ** 2)
+            need = samples_for_half_width(r["wins"], r["losses"], r["n"], TARGET_HALF_WIDTH,
+                                          Z95)[1]
             cells = (f"{need} | {need * per_sample / 3600 / workers:.1f}" if need else
                      "- (no pair differs) | -")
             lines.append(f"| {r['method']} - {r['reference']} | {r['budget']} | "

@@ -18,9 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from absparse.eval.stats import PooledRuns, paired_report
-
-Z95, TARGET_HALF_WIDTH = 1.96, 2.0
+from absparse.eval.stats import PooledRuns, paired_report, samples_for_half_width
 
 
 def load_run(run_dir: Path) -> list:
@@ -45,21 +43,14 @@ def accuracy_lines(pooled: PooledRuns) -> list:
 
 
 def needed_lines(stats: list) -> list:
-    """Samples a 95 % paired interval of +-2 points needs: n = var (1.96 / 0.02)^2, with the
-    variance of the per-sample difference from the pooled wins w and losses l (shares)."""
+    """Samples a 95 % paired interval of +-2 points needs (stats.samples_for_half_width)."""
     lines = ["| comparison | budget | w/l of n | half-width now (normal approx.) | samples for +-2 |",
              "|---|---|---|---|---|"]
     for s in stats:
-        n, w, l = s["n"], s["wins"] / s["n"], s["losses"] / s["n"]
-        var = w + l - (w - l) ** 2
-        if var == 0:
-            lines.append(f"| {s['method']} - {s['reference']} | {s['budget']} | "
-                         f"{s['wins']}/{s['losses']} of {n} | 0 | - (no pair differs) |")
-            continue
-        now = 100 * Z95 * (var / n) ** 0.5
-        need = var * (Z95 / (TARGET_HALF_WIDTH / 100)) ** 2
+        now, need = samples_for_half_width(s["wins"], s["losses"], s["n"])
         lines.append(f"| {s['method']} - {s['reference']} | {s['budget']} | "
-                     f"{s['wins']}/{s['losses']} of {n} | {now:.1f} | {need:.0f} |")
+                     f"{s['wins']}/{s['losses']} of {s['n']} | {now:.1f} | "
+                     f"{need if need else '- (no pair differs)'} |")
     return lines
 
 

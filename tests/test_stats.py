@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from absparse.eval.stats import (PooledRuns, bootstrap_ci, comparisons, decidable_cells,
-                                 mcnemar, paired_bootstrap, paired_task_stats, t_interval)
+                                 mcnemar, paired_bootstrap, paired_task_stats,
+                                 samples_for_half_width, t_interval)
 
 
 def test_constant_sample_has_a_zero_width_interval():
@@ -133,3 +134,13 @@ def test_pooled_runs_equal_one_run_of_all_samples():
         PooledRuns([first, [r for r in second if r["method"] != "ab-quest"]])
     with pytest.raises(ValueError, match="at least one run"):
         PooledRuns([])
+
+
+def test_samples_for_half_width_by_hand():
+    """10 wins, 20 losses of 300: var = 0.1 - (1/30)^2 = 0.09889; half-width 1.96 sqrt(var / 300)
+    = 3.56 points; +-2 needs ceil(0.09889 x 98^2) = 950 pairs. No differing pair: 0, 0."""
+    now, need = samples_for_half_width(10, 20, 300)
+    assert now == pytest.approx(3.5586, abs=1e-3) and need == 950
+    assert samples_for_half_width(0, 0, 300) == (0.0, 0)
+    with pytest.raises(ValueError, match="wins 200, losses 200, n 300"):
+        samples_for_half_width(200, 200, 300)

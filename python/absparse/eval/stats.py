@@ -22,7 +22,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 __all__ = ["bootstrap_ci", "paired_bootstrap", "mcnemar", "t_interval", "DEFAULT_RESAMPLES",
-           "decidable_cells", "comparisons", "paired_task_stats", "paired_report", "PooledRuns"]
+           "decidable_cells", "comparisons", "paired_task_stats", "paired_report", "PooledRuns",
+           "samples_for_half_width"]
 
 DEFAULT_RESAMPLES = 4000
 
@@ -226,6 +227,21 @@ def paired_report(result) -> Tuple[List[str], dict]:
                          f"{s['delta']:+.1f} [{s['lo']:+.1f}, {s['hi']:+.1f}] | {s['n']} | "
                          f"{s['wins']}/{s['losses']} | {s['p']:.3f} |")
     return lines, data
+
+
+def samples_for_half_width(wins: int, losses: int, n: int, half_width: float = 2.0,
+                           z: float = 1.96) -> Tuple[float, int]:
+    """Precision of a paired accuracy difference from ``wins`` / ``losses`` of ``n`` pairs (0/1
+    scores): the per-pair difference has variance ``w + l - (w - l)^2`` (shares), so a
+    normal-approximation interval has half-width ``z sqrt(var / n)``. Returns (that half-width in
+    points, the pairs a +-``half_width``-point interval needs: ``ceil(var (100 z /
+    half_width)^2)``, 0 when no pair differs)."""
+    if n <= 0 or wins < 0 or losses < 0 or wins + losses > n:
+        raise ValueError(f"samples_for_half_width: expected 0 <= wins, losses and wins + losses "
+                         f"<= n > 0, got wins {wins}, losses {losses}, n {n}")
+    w, l = wins / n, losses / n
+    var = w + l - (w - l) ** 2
+    return 100 * z * math.sqrt(var / n), math.ceil(var * (100 * z / half_width) ** 2)
 
 
 class PooledRuns:
