@@ -104,6 +104,20 @@ def _allowed(indices, count, rows_block, block, length):
     return listed[t_block][:, rows_block]                            # [S, S]
 
 
+def _sparse_prefill_calls(model, ids, mode, config, monkeypatch):
+    """A forward of ``ids`` (2 layers) in prefill ``mode``: finite logits, both layers' prefill
+    recorded, densities in (0, 1] and some below 1 (the lists really are sparse). Returns the
+    recorded calls."""
+    calls = _record_prefill(monkeypatch)
+    cache = _cache(model, mode, **config)
+    logits = _forward(model, ids, cache)
+    assert torch.isfinite(logits).all()
+    assert len(calls) == 2
+    dens = cache.prefill_densities()
+    assert all(0 < d <= 1 for d in dens) and min(dens) < 1, dens
+    return calls
+
+
 def _assert_matches_lists(call, mode, block, config, length, tol):
     """One recorded prefill call: the builder run again on the recorded q / k / v (same device,
     same dtype) gives the layer's density, and every output row equals float64 attention of the
@@ -172,13 +186,7 @@ def test_sparse_prefill_matches_masked_float64_attention(tiny, monkeypatch, mode
     """The layer output equals float64 attention of the ORIGINAL-order q/k/v under the mask
     that the builder's lists (and, for pbs, the key permutation) expand to."""
     model, ids = tiny
-    calls = _record_prefill(monkeypatch)
-    cache = _cache(model, mode, **SPARSE[mode])
-    logits = _forward(model, ids, cache)
-    assert torch.isfinite(logits).all()
-    assert len(calls) == 2
-    dens = cache.prefill_densities()
-    assert all(0 < d <= 1 for d in dens) and min(dens) < 1, dens
+    calls = _sparse_prefill_calls(model, ids, mode, SPARSE[mode], monkeypatch)
     _assert_matches_lists(calls[0], mode, BLOCK, SPARSE[mode], LENGTH,
                           tol=1e-5 * max(calls[0][3].abs().max().item(), 1.0))
 
@@ -213,13 +221,7 @@ def test_bf16_sparse_prefill_on_each_device_matches_masked_float64_attention(dev
     torch.manual_seed(1)
     model = LlamaForCausalLM(cfg).eval().to(device, torch.bfloat16)
     ids = torch.randint(0, cfg.vocab_size, (2, DEVICE_LENGTH)).to(device)
-    calls = _record_prefill(monkeypatch)
-    cache = _cache(model, mode, **DEVICE_SPARSE[mode])
-    logits = _forward(model, ids, cache)
-    assert torch.isfinite(logits).all()
-    assert len(calls) == 2
-    dens = cache.prefill_densities()
-    assert all(0 < d <= 1 for d in dens) and min(dens) < 1, dens
+    calls = _sparse_prefill_calls(model, ids, mode, DEVICE_SPARSE[mode], monkeypatch)
     for call in calls:
         _assert_matches_lists(call, mode, 64, DEVICE_SPARSE[mode], DEVICE_LENGTH,
                               tol=2 ** -8 * max(call[3].abs().max().item(), 1.0))
