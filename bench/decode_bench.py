@@ -305,7 +305,12 @@ def main(argv=None) -> int:
     shapes = QUICK_SHAPES if args.quick else SHAPES
     layouts = QUICK_LAYOUTS if args.quick else list(LAYOUTS)
     if args.shapes:
-        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        try:
+            shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        except ValueError:
+            shapes = []
+        if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+            ap.error(f"--shapes: expected BxL,... with B, L >= 1, got {args.shapes!r}")
     if args.layouts:
         layouts = args.layouts.split(",")
         unknown = [n for n in layouts if n not in LAYOUTS]

@@ -44,8 +44,8 @@ def accuracy_lines(pooled: PooledRuns) -> list:
 
 def needed_lines(stats: list) -> list:
     """Samples a 95 % paired interval of +-2 points needs (stats.samples_for_half_width)."""
-    lines = ["| comparison | budget | w/l of n | half-width now (normal approx.) | samples for +-2 |",
-             "|---|---|---|---|---|"]
+    lines = ["| comparison | budget | w/l of n | half-width now (normal approx.) "
+             "| samples for +-2 |", "|---|---|---|---|---|"]
     for s in stats:
         now, need = samples_for_half_width(s["wins"], s["losses"], s["n"])
         lines.append(f"| {s['method']} - {s['reference']} | {s['budget']} | "

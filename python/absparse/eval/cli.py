@@ -114,8 +114,8 @@ def _evaluate(args, model, tok, src, cal, out: Path, command: str, started: floa
     count = lambda s: len(tok(s, add_special_tokens=False).input_ids)
     samples = eval_suite(count, args.lengths_list, tasks=args.tasks_list,
                          depths=args.depths_list, seeds_per_cell=args.seeds,
-                         first_seed=args.first_seed, ppl_samples=args.ppl_samples, ppl_length=args.ppl_length,
-                         fillers=args.fillers_list)
+                         first_seed=args.first_seed, ppl_samples=args.ppl_samples,
+                         ppl_length=args.ppl_length, fillers=args.fillers_list)
     budgets, methods = args.budgets_list, args.methods_list
     work = eval_work(tok, samples, budgets, methods, args.batch_size,
                      prefill=args.prefill_list)
@@ -147,7 +147,8 @@ def _evaluate(args, model, tok, src, cal, out: Path, command: str, started: floa
         f"- versions: absparse {__version__}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}",
         f"- samples: {len(samples)} ({args.tasks} at lengths {args.lengths}, depths "
-        f"{args.depths}, {args.seeds} seed(s) per cell from seed {args.first_seed}; {args.ppl_samples} ppl documents), "
+        f"{args.depths}, {args.seeds} seed(s) per cell from seed {args.first_seed}; "
+        f"{args.ppl_samples} ppl documents), "
         f"calibration: {cal.meta.get('calibration_samples')} x {cal.meta.get('calibration_length')}"
         f" tokens (disjoint filler and seeds)",
         f"- selection: average block size {args.avg_block_size}, candidates {cal.candidates}, "
