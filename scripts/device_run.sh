@@ -9,9 +9,10 @@
 #   quick      GPU tests, quick tier (tests/test_gpu*.py, tests/test_cuda_validation.py, the GPU
 #              tests of other files)                                                      tests.log
 #   full       GPU tests, full tier                                                       tests.log
-#   sanitizer  compute-sanitizer memcheck (smoke + 4 small decode cases, the prefill key-position
-#              and empty-row cases, a set of mask-builder cases) and racecheck (decode smoke, two
-#              prefill cases, the tensor-core last-block attention)                      sanitizer.log
+#   sanitizer  compute-sanitizer memcheck (smoke + small decode cases, the prefill key-position
+#              and empty-row cases, a set of mask-builder cases) and racecheck (decode smoke, the
+#              cached top-k, the decode-step update, two prefill cases, the tensor-core
+#              last-block attention)                                                 sanitizer.log
 # PYTEST_K: a -k expression for the quick tier (spaces kept); PYTEST_ARGS: more pytest arguments.
 #   ncu        Nsight Compute, --set full, one steady launch of each kernel at B8/128K    ncu.txt
 #   ncuprefill Nsight Compute, --set full, one launch of each sparse_prefill kernel (fa2, sm90) at
@@ -130,6 +131,10 @@ if want sanitizer; then
   MEMCHECK_K="sanitizer_smoke or (test_attention_matches_cpu and s1000-)"
   MEMCHECK_K+=" or (test_select_blocks_matches_cpu and s1002-) or max-cuboid-int8c"
   MEMCHECK_K+=" or softmax_sum-minmax-int4] or (test_large_selection_with_sampled_floor and 2048)"
+  MEMCHECK_K+=" or (test_cached_selection_ties_and_outliers and max)"
+  MEMCHECK_K+=" or (test_update_centroids_bitwise and s1000-)"
+  RACECHECK_K="sanitizer_smoke or (test_cached_selection_ties_and_outliers and random-max)"
+  RACECHECK_K+=" or (test_update_centroids_bitwise and s1000-)"
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck sanitizer.log 60 150 "$SAN" --tool memcheck \
     --error-exitcode 9 --print-limit 40 "$PY" -m pytest tests/test_gpu.py -q -x \
     -p no:cacheprovider -k "$MEMCHECK_K"
@@ -146,7 +151,7 @@ if want sanitizer; then
     tests/test_gpu_model_ops.py -q -x -p no:cacheprovider -k "bad_device_values or 8200"
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 step racecheck sanitizer.log 60 120 "$SAN" --tool racecheck \
     --error-exitcode 9 --print-limit 40 "$PY" -m pytest tests/test_gpu.py -q -x \
-    -p no:cacheprovider -k sanitizer_smoke
+    -p no:cacheprovider -k "$RACECHECK_K"
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 step racecheck-prefill sanitizer.log 40 120 "$SAN" \
     --tool racecheck --error-exitcode 9 --print-limit 40 "$PY" -m pytest \
     tests/test_gpu_prefill.py -q -x -p no:cacheprovider \

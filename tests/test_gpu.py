@@ -222,14 +222,19 @@ def _block_sizes(case):
 
 @pytest.mark.parametrize("case", GPU_CASES)
 @pytest.mark.parametrize("mode", ["zero", "random"])
-def test_update_centroids_bitwise(ab, case, mode):
+@pytest.mark.parametrize("max_new_tokens", [None, 1])
+def test_update_centroids_bitwise(ab, case, mode, max_new_tokens):
+    """max_new_tokens=1 runs the decode-step kernel (one CTA per sequence and head, the rows of
+    each block split into ranges whose max / min are combined in order) over every new block:
+    the hint sizes the launch, never the result."""
     inp = make_inputs(case)
     layout = lib_layout(ab, inp.ref_layout)
     start = start_positions(case, mode)
     init = sentinel_summary_cache(inp.ref_layout, inp.num_pages, case.head_dim)
     dev = _dev(inp)
     s_g, sc_g = _summaries_on_gpu(case, *init)
-    ab.update_centroids(dev.k_cache, dev.page_table, dev.seq_lens, _cuda(start), layout, s_g, sc_g)
+    ab.update_centroids(dev.k_cache, dev.page_table, dev.seq_lens, _cuda(start), layout, s_g, sc_g,
+                        max_new_tokens=max_new_tokens)
     s_c = init[0].clone()
     sc_c = None if init[1] is None else init[1].clone()
     ab.update_centroids(inp.k_cache, inp.page_table, inp.seq_lens, start, layout, s_c, sc_c)
@@ -405,6 +410,49 @@ def test_large_selection_with_sampled_floor(ab, period):
         _assert_selection_close(case, inp, s, sc, got, expect, args)
     else:
         assert torch.equal(got[1].cpu(), expect[1]) and torch.equal(got[0].cpu(), expect[0])
+
+
+@pytest.mark.parametrize("keys", ["random", "period64", "period2048", "outliers"])
+@pytest.mark.parametrize("reduce", ["max", "softmax_sum"])
+def test_cached_selection_ties_and_outliers(ab, keys, reduce):
+    """Up to 16384 candidates, whose keys the GPU top-k keeps in shared memory. Random keys
+    (lists match the CPU's within the tie rule); keys repeating every `period` tokens, so that the
+    k-th largest score ties exactly in groups of 16 or 512 (the lists equal the CPU's: lowest
+    indices first); and two outlier tokens of 4000x the keys' magnitude in bf16 summaries, which
+    put almost all other scores within 1/2000 of the score range (a top-k that bins scores by
+    value would find ~10 K of them in one bin)."""
+    fmt = "bf16" if keys == "outliers" else "int4c"
+    case = _long_case(torch.bfloat16, 128, 4, block_sizes=(4, 16), page_size=64,
+                      seq_lens=(40000, 30000), summary="minmax", format=fmt, budget=2048,
+                      sink=16, local=64, extra_pages=1, extra_cols=1, group_reduce=reduce)
+    inp = make_inputs(case, poison=False)
+    P = case.page_size
+    if keys.startswith("period"):
+        period = int(keys[len("period"):])
+        gen = torch.Generator().manual_seed(period)
+        base = torch.randn(period, *inp.k_cache.shape[2:], generator=gen).to(case.dtype)
+        for b, L in enumerate(case.seq_lens):
+            tok = torch.arange(L)
+            pages = inp.page_table[b, tok // P].long()
+            inp.k_cache[pages, tok % P] = base[tok % period]
+    elif keys == "outliers":
+        for b, L in enumerate(case.seq_lens):
+            for t, sign in ((L // 3, 1.0), (2 * L // 3, -1.0)):
+                page = int(inp.page_table[b, t // P])
+                inp.k_cache[page, t % P] = (sign * 4000.0 * inp.q[b].float().view(
+                    case.num_kv_heads, case.group, -1).mean(1).sign()).to(case.dtype)
+    layout = lib_layout(ab, inp.ref_layout)
+    s, sc = _cpu_summaries(ab, case, inp, layout)
+    dev = _dev(inp)
+    args = _select_args(case)
+    got = ab.select_blocks(dev.q, _cuda(s), _cuda(sc), dev.page_table, dev.seq_lens, layout, **args)
+    expect = ab.select_blocks(inp.q, s, sc, inp.page_table, inp.seq_lens, layout, **args)
+    candidates = case.seq_lens[0] // 4 - 4 - 16
+    assert 2048 < candidates <= 16384 and 0 < int(expect[1][0, 0]) < candidates // 8
+    if keys.startswith("period"):
+        assert torch.equal(got[1].cpu(), expect[1]) and torch.equal(got[0].cpu(), expect[0])
+    else:
+        _assert_selection_close(case, inp, s, sc, got, expect, args)
 
 
 @pytest.mark.parametrize("fmt", ref.FORMATS)
