@@ -19,7 +19,8 @@
 //     grid (1, Hk, B); the CTA's 128 threads split the block's rows into 128 / (D / 8) ranges
 //     (8 rows each for 64-token blocks at D 128: one round trip to memory instead of bs / 8
 //     dependent ones, and 1 / 8 of the serial max / min work per lane), then the first D / 8
-//     threads combine the ranges, add the float64 sums and store.
+//     threads combine the ranges, add the float64 sums in token order (mean, cuboid: from the
+//     rows the ranges left in shared memory when they fit, 32 KiB) and store.
 #include "common.cuh"
 
 namespace absparse::cuda {
@@ -28,6 +29,7 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kRowBatch = 8;  // key rows loaded before they are reduced
+constexpr int kStageUnits = 2048;  // step kernel: 16-byte row pieces kept for the sums (32 KiB)
 
 struct UpdateArgs {
   const void* k;
@@ -96,10 +98,11 @@ __device__ inline BlockAt block_at(const UpdateArgs& a, const int32_t* pages, in
 }
 
 // Visits rows [r0, r1) of a block in order, kRowBatch loads in flight: f(t, x[8]) with this
-// lane's 8 channels of row t as float32. Inactive lanes load nothing and visit zeros.
+// lane's 8 channels of row t as float32. Inactive lanes load nothing and visit zeros. With a
+// `stage`, row t's 16 bytes are also stored at stage[t * stage_stride].
 template <class F>
 __device__ inline void visit_rows(const UpdateArgs& a, int64_t base, bool active, int r0, int r1,
-                                  F&& f) {
+                                  F&& f, uint4* stage = nullptr, int stage_stride = 0) {
   const uint4* kbase = static_cast<const uint4*>(a.k);
   for (int t0 = r0; t0 < r1; t0 += kRowBatch) {
     uint4 rows[kRowBatch];
@@ -111,6 +114,7 @@ __device__ inline void visit_rows(const UpdateArgs& a, int64_t base, bool active
 #pragma unroll
     for (int r = 0; r < kRowBatch; ++r) {
       if (t0 + r >= r1) break;
+      if (stage != nullptr) stage[(t0 + r) * stage_stride] = rows[r];
       float x[8];
       unpack8(rows[r], a.bf16, x);
       f(t0 + r, x);
@@ -118,14 +122,38 @@ __device__ inline void visit_rows(const UpdateArgs& a, int64_t base, bool active
   }
 }
 
+// The rows [0, bs) of a block, visited in token order: from memory (visit_rows) or, `stage`
+// set, from the copy the step kernel's threads left in shared memory.
+struct BlockRows {
+  const UpdateArgs& a;
+  int64_t base;
+  bool active;
+  int bs;
+  const uint4* stage;  // row t at stage[t * stage_stride], or null
+  int stage_stride;
+  template <class F>
+  __device__ void visit(F&& f) const {
+    if (stage == nullptr) {
+      visit_rows(a, base, active, 0, bs, f);
+      return;
+    }
+#pragma unroll 4
+    for (int t = 0; t < bs; ++t) {
+      float x[8];
+      unpack8(stage[t * stage_stride], a.bf16, x);
+      f(t, x);
+    }
+  }
+};
+
 // Sum over the block's rows in token order, float64 (the mean's sum; the cuboid's deviation from
 // `centre` when kDeviation).
 template <bool kDeviation>
-__device__ inline void row_sums(const UpdateArgs& a, int64_t base, bool active, int bs,
-                                const double (&centre)[8], double (&sum)[8]) {
+__device__ inline void row_sums(const BlockRows& rows, const double (&centre)[8],
+                                double (&sum)[8]) {
 #pragma unroll
   for (int c = 0; c < 8; ++c) sum[c] = 0.0;
-  visit_rows(a, base, active, 0, bs, [&](int, const float (&x)[8]) {
+  rows.visit([&](int, const float (&x)[8]) {
 #pragma unroll
     for (int c = 0; c < 8; ++c) {
       sum[c] += kDeviation ? fabs(static_cast<double>(x[c]) - centre[c]) : static_cast<double>(x[c]);
@@ -135,14 +163,16 @@ __device__ inline void row_sums(const UpdateArgs& a, int64_t base, bool active, 
 
 // The summary vectors from a block's max / min (minmax, cuboid) or sum (mean) per channel, the
 // cuboid's deviation computed here (a second pass over the rows).
-__device__ inline void summary_vectors(const UpdateArgs& a, int64_t base, bool active, int bs,
-                                       const float (&hi)[8], const float (&lo)[8],
-                                       const double (&sum)[8], float (&vec)[2][8]) {
+__device__ inline void summary_vectors(const BlockRows& rows, const float (&hi)[8],
+                                       const float (&lo)[8], const double (&sum)[8],
+                                       float (&vec)[2][8]) {
+  const UpdateArgs& a = rows.a;
+  const int bs = rows.bs;
   if (a.kind == static_cast<int>(SummaryKind::kCuboid)) {
     double centre[8], dev[8];
 #pragma unroll
     for (int c = 0; c < 8; ++c) centre[c] = (static_cast<double>(hi[c]) + lo[c]) / 2.0;
-    row_sums<true>(a, base, active, bs, centre, dev);
+    row_sums<true>(rows, centre, dev);
 #pragma unroll
     for (int c = 0; c < 8; ++c) {
       const double radius = dev[c] / bs;
@@ -309,7 +339,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const __grid_constant_
       }
     });
     float vec[2][8];
-    summary_vectors(a, at.base, active, bs, hi, lo, sum, vec);
+    summary_vectors(BlockRows{a, at.base, active, bs, nullptr, 0}, hi, lo, sum, vec);
     const int64_t slot = a.slot_offset[h] + (at.in_page >> log2_bs);
     store_vectors<kLanesPerBlock>(a, h, at.page, slot, c0, vec, active);
   }
@@ -321,14 +351,19 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kLanesPerRow = D / 8;
   constexpr int kRanges = kThreads / kLanesPerRow;  // row ranges: 8 at D 128
   __shared__ float range_hi[kRanges][D], range_lo[kRanges][D];  // 8 KiB
+  __shared__ uint4 stage[kStageUnits];  // the block's rows for the float64 sums: [bs][D / 8]
   const int b = blockIdx.z, h = blockIdx.y;
-  const int range = threadIdx.x / kLanesPerRow;
-  const int c0 = (threadIdx.x % kLanesPerRow) * 8;  // this thread's channels [c0, c0 + 8)
+  const int range = threadIdx.x / kLanesPerRow, piece = threadIdx.x % kLanesPerRow;
+  const int c0 = piece * 8;  // this thread's channels [c0, c0 + 8)
   const int64_t len = clamped_seq_len(a.seq_lens, a.seq_lens_stride, b, a.capacity);
   const int64_t start = clamp64(a.start_pos[b * a.start_pos_stride], 0, len);
   const int log2_bs = a.log2_block[h];
   const int bs = 1 << log2_bs;
   const bool mean = a.kind == static_cast<int>(SummaryKind::kMean);
+  const bool sums = a.kind != static_cast<int>(SummaryKind::kMinMax);
+  // The sums read the rows from shared memory when they fit (bs <= 128 at D 128), else again
+  // from memory; either way in token order.
+  const bool staged = sums && bs * kLanesPerRow <= kStageUnits;
   const int32_t* pages = a.page_table + b * a.page_table_stride_batch;
   // Rows [r0, r1) of this thread's range (empty ranges when bs < kRanges).
   const int per_range = (bs + kRanges - 1) / kRanges;
@@ -347,28 +382,28 @@ __global__ void __launch_bounds__(kThreads)
       lo[c] = INFINITY;
       nan_row0[c] = false;
     }
-    if (!mean) {
-      visit_rows(a, at.base, true, r0, r1, [&](int t, const float (&x)[8]) {
-#pragma unroll
-        for (int c = 0; c < 8; ++c) {
-          if (t == 0) nan_row0[c] = isnan(x[c]);
-          hi[c] = max_rule(hi[c], x[c]);
-          lo[c] = min_rule(lo[c], x[c]);
-        }
-      });
+    if (!mean || staged) visit_rows(a, at.base, true, r0, r1, [&](int t, const float (&x)[8]) {
+      if (mean) return;
 #pragma unroll
       for (int c = 0; c < 8; ++c) {
-        range_hi[range][c0 + c] = hi[c];
-        range_lo[range][c0 + c] = lo[c];
+        if (t == 0) nan_row0[c] = isnan(x[c]);
+        hi[c] = max_rule(hi[c], x[c]);
+        lo[c] = min_rule(lo[c], x[c]);
       }
+    }, staged ? stage + piece : nullptr, kLanesPerRow);
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      range_hi[range][c0 + c] = hi[c];
+      range_lo[range][c0 + c] = lo[c];
     }
     __syncthreads();
     if (threadIdx.x < 32) {  // warp 0; lanes of range >= 1 idle along for the shuffles
       const bool writer = range == 0;
+      const BlockRows rows{a, at.base, writer, bs, staged ? stage + piece : nullptr, kLanesPerRow};
       double sum[8];
       if (mean) {
         const double none[8] = {};
-        row_sums<false>(a, at.base, writer, bs, none, sum);
+        row_sums<false>(rows, none, sum);
       } else {
 #pragma unroll
         for (int c = 0; c < 8; ++c) {
@@ -381,11 +416,11 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       float vec[2][8];
-      summary_vectors(a, at.base, writer, bs, hi, lo, sum, vec);
+      summary_vectors(rows, hi, lo, sum, vec);
       const int64_t slot = a.slot_offset[h] + (at.in_page >> log2_bs);
       store_vectors<kLanesPerRow>(a, h, at.page, slot, c0, vec, writer);
     }
-    __syncthreads();  // the ranges' buffers are reused by the next block
+    __syncthreads();  // the ranges' buffers and the stage are reused by the next block
   }
 }
 
