@@ -5,7 +5,9 @@ A long evaluation can be run in parts: `absparse eval ... --seeds 30`, later `ab
 `results.jsonl`, checks that no (method, budget, sample) appears twice and that the runs agree on
 methods and budgets, and writes `results.md` (accuracy per method and budget, the paired
 differences with 95 % intervals of `absparse.eval.stats.paired_report`, and the samples a +-2 point
-interval would need) and `paired.json` into --out.
+interval would need), `paired.json` and `paired_differences.png` (the decidable cells' differences
+with their intervals and the goals' bands, `absparse.eval.evaluation.plot_paired_differences`) into
+--out.
 
     python bench/pool_eval_runs.py --out bench/results/accuracy_2026-12-02_pooled \\
         bench/results/accuracy_2026-12-01_decidable/eval \\
@@ -18,6 +20,7 @@ import json
 import sys
 from pathlib import Path
 
+from absparse.eval.evaluation import plot_paired_differences
 from absparse.eval.stats import PooledRuns, paired_report, samples_for_half_width
 
 
@@ -79,6 +82,8 @@ def main(argv=None) -> int:
     lines += needed_lines(data["decidable"])
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     (args.out / "paired.json").write_text(json.dumps(data, indent=1) + "\n")
+    plot_paired_differences(data["decidable"], args.out / "paired_differences.png",
+                            f"{pooled.samples()} paired samples")
     print("\n".join(lines))
     return 0
 

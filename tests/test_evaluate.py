@@ -85,6 +85,25 @@ def test_compare_pairs_and_goal(result):
     assert goal["pairs"] == [p + (result.compare(p[0], p[1], "128"),) for p in pairs]
 
 
+def test_paired_differences_plot(result, tmp_path):
+    """One row per comparison and budget where some sample differs, with the statistics' estimate
+    and interval; a comparison no sample separates is left out."""
+    from absparse.eval.evaluation import plot_paired_differences
+    from absparse.eval.stats import paired_task_stats
+
+    stats = paired_task_stats(result)
+    drawn = plot_paired_differences(stats, tmp_path / "paired.png", "test")
+    assert (tmp_path / "paired.png").stat().st_size > 0
+    expect = [(s["kind"], f"{s['method']} - {s['reference']}", s["budget"], s["delta"], s["lo"],
+               s["hi"]) for k in ("vs uniform", "vs bf16") for s in stats
+              if s["kind"] == k and (s["wins"] or s["losses"])]
+    assert drawn == expect
+    # ab-quest vs quest at 50%: the same scores on every sample -> no row; at 128 it differs
+    labels = {(d[1], d[2]) for d in drawn}
+    assert ("ab-quest - quest", "50%") not in labels and ("ab-quest - quest", "128") in labels
+    assert all(lo <= delta <= hi for _, _, _, delta, lo, hi in drawn)
+
+
 def test_report_figures(result, tmp_path):
     from absparse.eval.evaluation import write_report
 

@@ -38,7 +38,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -638,6 +638,64 @@ def plot_accuracy(result: EvalResult, path: Union[str, Path]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_paired_differences(stats: Sequence[dict], path: Union[str, Path], title: str,
+                            goals: Optional[Dict[str, Tuple[float, float]]] = None) -> list:
+    """The paired differences of :func:`absparse.eval.stats.paired_task_stats` at a glance: one
+    panel per kind ("vs uniform", "vs bf16"), a row per comparison and budget with its estimate
+    and 95 % interval (points of accuracy), a color per budget, 0 marked; ``goals`` shades the
+    band a kind's goal asks for (default: >= +3 vs uniform, within +-1 vs bf16). Comparisons where
+    no sample differs (every method failing a too-tight budget) are left out. Returns the rows
+    drawn, ``(kind, label, budget, delta, lo, hi)``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    goals = goals if goals is not None else {"vs uniform": (3.0, math.inf),
+                                             "vs bf16": (-1.0, 1.0)}
+    kinds = [k for k in ("vs uniform", "vs bf16") if any(s["kind"] == k for s in stats)]
+    budgets = []
+    for s in stats:
+        if s["budget"] not in budgets:
+            budgets.append(s["budget"])
+    colors = dict(zip(budgets, plt.get_cmap("tab10").colors))
+    drawn = []
+    fig, axes = plt.subplots(len(kinds), 1, squeeze=False,
+                             figsize=(9, 1.2 + 0.45 * max(1, len(stats))))
+    for ax, kind in zip(axes[:, 0], kinds):
+        rows = [s for s in stats if s["kind"] == kind and (s["wins"] or s["losses"])]
+        labels = []
+        for y, s in enumerate(rows):
+            label = f"{s['method']} - {s['reference']}"
+            ax.errorbar([s["delta"]], [y], xerr=[[s["delta"] - s["lo"]], [s["hi"] - s["delta"]]],
+                        fmt="o", color=colors[s["budget"]], capsize=4)
+            labels.append(f"{label} @ {s['budget']} (n {s['n']})")
+            drawn.append((kind, label, s["budget"], s["delta"], s["lo"], s["hi"]))
+        lo, hi = goals.get(kind, (None, None))
+        ends = [0.0] + [s["lo"] for s in rows] + [s["hi"] for s in rows] + \
+            [g for g in (lo, hi) if g is not None and math.isfinite(g)]
+        margin = 0.05 * (max(ends) - min(ends)) + 0.5
+        left, right = min(ends) - margin, max(ends) + margin
+        ax.set_xlim(left, right)
+        if lo is not None:
+            ax.axvspan(max(lo, left), min(hi, right), color="tab:green", alpha=0.12)
+        ax.axvline(0.0, color="black", lw=1)
+        ax.set_yticks(range(len(rows)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(f"{title}: {kind}", fontsize=10)
+        ax.set_xlabel("paired difference, points of accuracy (95 % interval)")
+        ax.grid(alpha=0.3, axis="x")
+        handles = [plt.Line2D([], [], color=colors[b], marker="o", ls="", label=f"budget {b}")
+                   for b in budgets if any(s["budget"] == b for s in rows)]
+        if lo is not None:
+            handles.append(plt.Rectangle((0, 0), 1, 1, color="tab:green", alpha=0.12,
+                                         label="goal"))
+        ax.legend(handles=handles, fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return drawn
 
 
 def plot_block_sizes(layouts: Dict[str, ModelLayout], path: Union[str, Path],
