@@ -132,7 +132,7 @@ if want sanitizer; then
   MEMCHECK_K+=" or (test_select_blocks_matches_cpu and s1002-) or max-cuboid-int8c"
   MEMCHECK_K+=" or softmax_sum-minmax-int4] or (test_large_selection_with_sampled_floor and 2048)"
   MEMCHECK_K+=" or (test_cached_selection_ties_and_outliers and max)"
-  MEMCHECK_K+=" or (test_update_centroids_bitwise and s1000-)"
+  MEMCHECK_K+=" or (test_update_centroids_bitwise and s1000-) or special_keys"
   RACECHECK_K="sanitizer_smoke or (test_cached_selection_ties_and_outliers and random-max)"
   RACECHECK_K+=" or (test_update_centroids_bitwise and s1000-)"
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 step memcheck sanitizer.log 60 150 "$SAN" --tool memcheck \

@@ -243,6 +243,53 @@ def test_update_centroids_bitwise(ab, case, mode, max_new_tokens):
         assert_bitwise_equal(sc_g.cpu().contiguous(), sc_c, f"{case.id}: scales")
 
 
+@pytest.mark.parametrize("summary", ["minmax", "cuboid", "mean"])
+@pytest.mark.parametrize("max_new_tokens", [None, 1])
+def test_update_centroids_special_keys(ab, summary, max_new_tokens):
+    """Keys with NaN in a block's first row or a later row, +-inf, and -0 before +0: fp32
+    summaries hold NaN exactly where the CPU's do and the CPU's bits everywhere else (max / min
+    skip NaN rows unless row 0 is NaN, keep the first of equal values: -0 stays -0). Both
+    kernels: the prefill one (no hint) and the decode-step one, whose row ranges are folded from
+    -inf / +inf and combined in token order (a NaN row 0 has to be restored there)."""
+    case = Case(seed=21, dtype=torch.bfloat16, head_dim=128, group=2, block_sizes=(8, 64),
+                page_size=64, seq_lens=(640, 192), summary=summary, format="fp32")
+    inp = make_inputs(case)
+    P = case.page_size
+    for b, L in enumerate(case.seq_lens):
+        def put(tok, h, ch, value):
+            if tok < L:
+                inp.k_cache[int(inp.page_table[b, tok // P]), tok % P, h, ch] = value
+        for h, bs in enumerate(case.block_sizes):
+            put(0, h, 0, float("nan"))                 # row 0 of block 0: NaN max and min
+            put(bs + 3, h, 1, float("nan"))            # a later row of block 1: skipped
+            put(2 * bs, h, 2, float("inf"))
+            put(2 * bs + 1, h, 3, float("-inf"))
+            for t in range(3 * bs, 4 * bs):            # block 3, channel 4: all zeros, -0 first
+                put(t, h, 4, -0.0 if t == 3 * bs else 0.0)
+            put(4 * bs + bs // 2, h, 5, float("nan"))  # a middle row (another range at bs 64)
+    layout = lib_layout(ab, inp.ref_layout)
+    zero = torch.zeros(len(case.seq_lens), dtype=torch.int32)
+    init = sentinel_summary_cache(inp.ref_layout, inp.num_pages, case.head_dim)
+    dev = _dev(inp)
+    s_g, sc_g = _summaries_on_gpu(case, *init)
+    ab.update_centroids(dev.k_cache, dev.page_table, dev.seq_lens, _cuda(zero), layout, s_g, sc_g,
+                        max_new_tokens=max_new_tokens)
+    s_c = init[0].clone()
+    ab.update_centroids(inp.k_cache, inp.page_table, inp.seq_lens, zero, layout, s_c, None)
+    got = s_g.cpu()
+    assert torch.isnan(s_c).any(), "the keys put NaN into some CPU summary"
+    assert_same_specials(got, s_c, f"{summary}: summaries")
+    finite = ~torch.isnan(s_c)
+    assert_bitwise_equal(got[finite], s_c[finite], f"{summary}: summaries where not NaN")
+    if summary == "minmax":  # block 3's max and min of channel 4: the -0 of its first row
+        for b, L in enumerate(case.seq_lens):
+            for h, bs in enumerate(case.block_sizes):
+                if 4 * bs <= L:
+                    page = int(inp.page_table[b, 3 * bs // P])
+                    slot = int(layout.slot_offsets[h]) + (3 * bs % P) // bs
+                    assert torch.signbit(got[page, slot, :, 4]).all(), (b, h)
+
+
 @pytest.mark.parametrize("case", GPU_CASES)
 def test_select_blocks_matches_cpu(ab, case):
     inp = make_inputs(case)

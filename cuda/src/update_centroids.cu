@@ -375,18 +375,18 @@ __global__ void __launch_bounds__(kThreads)
     if (at.page < 0) continue;  // a bad page entry: nothing is written (uniform over the CTA)
 
     float hi[8], lo[8];
-    bool nan_row0[8];  // range 0: row 0 is NaN (the CPU's max / min stay NaN)
+    float row0[8];  // range 0: row 0 (a NaN there is the CPU's max and min)
 #pragma unroll
     for (int c = 0; c < 8; ++c) {
       hi[c] = -INFINITY;
       lo[c] = INFINITY;
-      nan_row0[c] = false;
+      row0[c] = 0.0f;
     }
     if (!mean || staged) visit_rows(a, at.base, true, r0, r1, [&](int t, const float (&x)[8]) {
       if (mean) return;
 #pragma unroll
       for (int c = 0; c < 8; ++c) {
-        if (t == 0) nan_row0[c] = isnan(x[c]);
+        if (t == 0) row0[c] = x[c];
         hi[c] = max_rule(hi[c], x[c]);
         lo[c] = min_rule(lo[c], x[c]);
       }
@@ -412,7 +412,7 @@ __global__ void __launch_bounds__(kThreads)
             hi[c] = max_rule(hi[c], range_hi[g][c0 + c]);
             lo[c] = min_rule(lo[c], range_lo[g][c0 + c]);
           }
-          if (nan_row0[c]) hi[c] = lo[c] = NAN;
+          if (isnan(row0[c])) hi[c] = lo[c] = row0[c];
         }
       }
       float vec[2][8];
