@@ -5,9 +5,9 @@ A long evaluation can be run in parts: `absparse eval ... --seeds 30`, later `ab
 `results.jsonl`, checks that no (method, budget, sample) appears twice and that the runs agree on
 methods and budgets, and writes `results.md` (accuracy per method and budget, the paired
 differences with 95 % intervals of `absparse.eval.stats.paired_report`, and the samples a +-2 point
-interval would need), `paired.json` and `paired_differences.png` (the decidable cells' differences
-with their intervals and the goals' bands, `absparse.eval.evaluation.plot_paired_differences`) into
---out.
+interval would need), `paired.json`, `paired_differences.png` (the decidable cells' differences
+with their intervals and the goals' bands) and `accuracy_vs_budget.png` (accuracy per method with
+95 % intervals) into --out.
 
     python bench/pool_eval_runs.py --out bench/results/accuracy_2026-12-02_pooled \\
         bench/results/accuracy_2026-12-01_decidable/eval \\
@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from absparse.eval.evaluation import plot_paired_differences
+from absparse.eval.evaluation import EvalResult, plot_accuracy, plot_paired_differences
 from absparse.eval.stats import PooledRuns, paired_report, samples_for_half_width
 
 
@@ -29,6 +29,11 @@ def load_run(run_dir: Path) -> list:
     if not path.is_file():
         raise SystemExit(f"pool_eval_runs: {run_dir}: holds no results.jsonl")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def budget_of(key: str):
+    """A budget key of the records ("8%", "2048") back to the budget it was made from."""
+    return float(key[:-1]) / 100 if key.endswith("%") else int(key)
 
 
 def accuracy_lines(pooled: PooledRuns) -> list:
@@ -84,6 +89,9 @@ def main(argv=None) -> int:
     (args.out / "paired.json").write_text(json.dumps(data, indent=1) + "\n")
     plot_paired_differences(data["decidable"], args.out / "paired_differences.png",
                             f"{pooled.samples()} paired samples")
+    result = EvalResult(pooled.records, pooled.methods, [budget_of(k) for k in pooled.budget_keys()],
+                        {}, {}, {"title": f"accuracy vs budget, {pooled.samples()} pooled samples"})
+    plot_accuracy(result, args.out / "accuracy_vs_budget.png")
     print("\n".join(lines))
     return 0
 

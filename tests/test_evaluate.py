@@ -104,6 +104,25 @@ def test_paired_differences_plot(result, tmp_path):
     assert all(lo <= delta <= hi for _, _, _, delta, lo, hi in drawn)
 
 
+def test_accuracy_plot_intervals(result, tmp_path):
+    """Each series point is EvalResult.accuracy with a 95 % interval around it; a method whose
+    samples all agree has a zero-width interval."""
+    from absparse.eval.evaluation import accuracy_interval, plot_accuracy
+
+    drawn = plot_accuracy(result, tmp_path / "acc.png")
+    assert (tmp_path / "acc.png").stat().st_size > 0
+    assert list(drawn) == METHODS
+    for m, series in drawn.items():
+        assert [b for b, *_ in series] == ["128", "50%"]
+        for b, acc, lo, hi in series:
+            assert acc == pytest.approx(result.accuracy(m, b)) and lo <= acc <= hi
+    # ab-quest at 50%: passkey 1, 1 and vartrack 0.5 -> every resample 75, no spread
+    assert accuracy_interval(result, "ab-quest", "50%") == {"acc": 75.0, "lo": 75.0, "hi": 75.0,
+                                                            "n": 3}
+    dense = accuracy_interval(result, "dense", None)
+    assert dense["acc"] == pytest.approx(75.0) and dense["n"] == 3
+
+
 def test_report_figures(result, tmp_path):
     from absparse.eval.evaluation import write_report
 

@@ -44,7 +44,7 @@ import torch
 
 from ..layout import ModelLayout
 from .model_calibration import Calibration, budget_key
-from .stats import paired_report
+from .stats import paired_bootstrap, paired_report
 from .tasks import Sample, score_output
 
 if TYPE_CHECKING:  # absparse.hf imports transformers: loaded only when a model runs
@@ -607,37 +607,63 @@ def _prefill_section(result: EvalResult) -> List[str]:
     return lines
 
 
-def plot_accuracy(result: EvalResult, path: Union[str, Path]) -> None:
-    """Average task accuracy vs budget, one line per method (dense as a horizontal line)."""
+def accuracy_interval(result: EvalResult, method: str, budget: Optional[str]) -> Dict[str, float]:
+    """Average task accuracy (points) with a 95 % bootstrap interval: samples resampled within
+    each task, the macro average over tasks (as ``EvalResult.accuracy``). ``{"acc", "lo", "hi",
+    "n"}``; NaN without samples."""
+    rows = [r for r in result._cells(method, budget) if r["task"] != "ppl"]
+    if not rows:
+        return {"acc": math.nan, "lo": math.nan, "hi": math.nan, "n": 0}
+    scores = [r["score"] for r in rows]
+    ci = paired_bootstrap(scores, [0.0] * len(scores), strata=[r["task"] for r in rows])
+    return {"acc": 100 * ci["delta"], "lo": 100 * ci["lo"], "hi": 100 * ci["hi"],
+            "n": len(rows)}
+
+
+def plot_accuracy(result: EvalResult, path: Union[str, Path]) -> Dict[str, list]:
+    """Average task accuracy vs budget with 95 % intervals (:func:`accuracy_interval`), one
+    series per method in a color of its own (line: dotted uniform blocks, solid AB-Sparse,
+    dash-dot with a sparse prefill; marker: summary format, D: memory-matched), dense as a
+    horizontal line with its interval as a band. Returns the series drawn: method -> [(budget,
+    acc, lo, hi)]."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     bk = result.budget_keys()
     x = list(range(len(bk)))
-    colors = {"quest": "tab:blue", "arkvale": "tab:orange", "mean": "tab:green"}
     markers = {"fp32": "P", "fp16": "X", "bf16": "o", "int8c": "s", "int4c": "^"}
+    palette = plt.get_cmap("tab10").colors
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    ax.axhline(result.accuracy("dense", None), color="black", ls="--", label="dense")
+    dense = accuracy_interval(result, "dense", None)
+    ax.axhline(dense["acc"], color="black", ls="--", label="dense")
+    if dense["n"]:
+        ax.axhspan(dense["lo"], dense["hi"], color="black", alpha=0.08)
     width = 0.25                                   # series are spread over +-width/2 per budget
+    drawn = {}
     for n, m in enumerate(result.methods):
         spec = parse_method(m)
         style = ("-" if spec.adaptive else ":") if not spec.dense_first else \
             ("-." if spec.adaptive else (0, (1, 3)))
         shift = width * (n / max(1, len(result.methods) - 1) - 0.5)
-        ax.plot([i + shift for i in x], [result.accuracy(m, b) for b in bk], linestyle=style,
-                color=colors[spec.base], marker="D" if spec.memory_matched else
-                markers[spec.format], alpha=0.85, label=m)
+        cis = [accuracy_interval(result, m, b) for b in bk]
+        acc = [c["acc"] for c in cis]
+        err = [[c["acc"] - c["lo"] for c in cis], [c["hi"] - c["acc"] for c in cis]]
+        ax.errorbar([i + shift for i in x], acc, yerr=err, linestyle=style, capsize=3,
+                    color=palette[n % len(palette)], marker="D" if spec.memory_matched else
+                    markers[spec.format], alpha=0.9, label=m)
+        drawn[m] = [(b, c["acc"], c["lo"], c["hi"]) for b, c in zip(bk, cis)]
     ax.set_xticks(x, [f"budget {b}" for b in bk])
-    ax.set_ylabel("average task accuracy (%)")
-    ax.set_xlabel("token budget (dotted: uniform blocks, solid: AB-Sparse, dash-dot: +dN; "
-                  "marker: summary format, D: -mem; series offset sideways)")
+    ax.set_ylabel("average task accuracy (%), 95 % interval")
+    ax.set_xlabel("token budget (line: dotted uniform blocks, solid AB-Sparse, dash-dot +dN;\n"
+                  "marker: summary format, D: -mem; series offset sideways)", fontsize=9)
     ax.set_title(result.meta.get("title", "accuracy vs token budget"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return drawn
 
 
 def plot_paired_differences(stats: Sequence[dict], path: Union[str, Path], title: str,
