@@ -33,6 +33,14 @@ def test_mcnemar_hand_table():
     assert mcnemar([1, 0], [1, 0]) == {"wins": 0, "losses": 0, "p": 1.0}
     assert mcnemar([1] * 5, [0] * 5)["p"] == pytest.approx(2 / 32)    # p capped at 1 elsewhere
     assert mcnemar([1, 0], [0, 1])["p"] == 1.0
+    # more than 1023 discordant pairs (2.0 ** n would overflow): 600 / 600 gives p = min(1,
+    # 2 P(X <= 600)) = 1; 1100 / 0 gives p = 2 / 2^1100, below the smallest float: 0.0
+    assert mcnemar([1] * 600 + [0] * 600, [0] * 600 + [1] * 600)["p"] == 1.0
+    assert mcnemar([1] * 1100, [0] * 1100) == {"wins": 1100, "losses": 0, "p": 0.0}
+    # 560 / 540 of 1100: p = 2 P(X <= 540), X ~ Bin(1100, 1/2); normal approximation with
+    # continuity correction: z = (550 - 540.5) / sqrt(275) = 0.5729, p = 0.567
+    assert mcnemar([1] * 560 + [0] * 540, [0] * 560 + [1] * 540)["p"] == pytest.approx(0.567,
+                                                                                         abs=2e-3)
 
 
 def test_coverage_on_simulated_samples():

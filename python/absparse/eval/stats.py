@@ -118,7 +118,9 @@ def mcnemar(a, b) -> Dict[str, float]:
     n, k = wins + losses, min(wins, losses)
     if n == 0:
         return {"wins": 0, "losses": 0, "p": 1.0}
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
+    # Exact integers: 2.0 ** n overflows a float above 1023 discordant pairs; int / int rounds
+    # the quotient once (to 0.0 when it is below the smallest float).
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / (1 << n)
     return {"wins": wins, "losses": losses, "p": min(1.0, 2 * tail)}
 
 
