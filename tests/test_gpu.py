@@ -216,6 +216,29 @@ def _block_sizes(case):
     return torch.tensor(case.block_sizes, dtype=torch.int32)
 
 
+def _select_on_gpu_and_cpu(ab, case, inp):
+    """The CPU's summaries of inp, then select_blocks with the case's arguments on the GPU and on
+    the CPU: (s, sc, args, got, expect), got on the GPU."""
+    layout = lib_layout(ab, inp.ref_layout)
+    s, sc = _cpu_summaries(ab, case, inp, layout)
+    dev = _dev(inp)
+    args = _select_args(case)
+    got = ab.select_blocks(dev.q, _cuda(s), _cuda(sc), dev.page_table, dev.seq_lens, layout, **args)
+    expect = ab.select_blocks(inp.q, s, sc, inp.page_table, inp.seq_lens, layout, **args)
+    return s, sc, args, got, expect
+
+
+def _repeat_keys(case, inp, period):
+    """Every sequence's keys repeat every `period` tokens (random rows, seeded by period)."""
+    gen = torch.Generator().manual_seed(period)
+    base = torch.randn(period, *inp.k_cache.shape[2:], generator=gen).to(case.dtype)
+    P = case.page_size
+    for b, L in enumerate(case.seq_lens):
+        tok = torch.arange(L)
+        pages = inp.page_table[b, tok // P].long()
+        inp.k_cache[pages, tok % P] = base[tok % period]
+
+
 # ------------------------------------------------------------------------------------------------
 # Ops against the CPU reference
 # ------------------------------------------------------------------------------------------------
@@ -416,12 +439,7 @@ def test_selection_resolves_close_scores(ab, fmt):
                       seq_lens=(32768, 16384), summary="minmax", format=fmt, budget=0.5,
                       extra_pages=1, extra_cols=1)
     inp = make_inputs(case)
-    layout = lib_layout(ab, inp.ref_layout)
-    s, sc = _cpu_summaries(ab, case, inp, layout)
-    dev = _dev(inp)
-    args = _select_args(case)
-    got = ab.select_blocks(dev.q, _cuda(s), _cuda(sc), dev.page_table, dev.seq_lens, layout, **args)
-    expect = ab.select_blocks(inp.q, s, sc, inp.page_table, inp.seq_lens, layout, **args)
+    s, sc, args, got, expect = _select_on_gpu_and_cpu(ab, case, inp)
     assert int(expect[1].max()) > 1000  # thousands of candidates ranked
     _assert_selection_close(case, inp, s, sc, got, expect, args)
 
@@ -438,19 +456,8 @@ def test_large_selection_with_sampled_floor(ab, period):
                       sink=16, local=64, extra_pages=1, extra_cols=1)
     inp = make_inputs(case, poison=False)
     if period is not None:
-        gen = torch.Generator().manual_seed(period)
-        base = torch.randn(period, *inp.k_cache.shape[2:], generator=gen).to(case.dtype)
-        P = case.page_size
-        for b, L in enumerate(case.seq_lens):
-            tok = torch.arange(L)
-            pages = inp.page_table[b, tok // P].long()
-            inp.k_cache[pages, tok % P] = base[tok % period]
-    layout = lib_layout(ab, inp.ref_layout)
-    s, sc = _cpu_summaries(ab, case, inp, layout)
-    dev = _dev(inp)
-    args = _select_args(case)
-    got = ab.select_blocks(dev.q, _cuda(s), _cuda(sc), dev.page_table, dev.seq_lens, layout, **args)
-    expect = ab.select_blocks(inp.q, s, sc, inp.page_table, inp.seq_lens, layout, **args)
+        _repeat_keys(case, inp, period)
+    s, sc, args, got, expect = _select_on_gpu_and_cpu(ab, case, inp)
     candidates = case.seq_lens[1] // 4 - 4 - 16
     assert candidates > 16384 and 0 < int(expect[1][0, 0]) < candidates // 16
     if period is None:
@@ -475,25 +482,14 @@ def test_cached_selection_ties_and_outliers(ab, keys, reduce):
     inp = make_inputs(case, poison=False)
     P = case.page_size
     if keys.startswith("period"):
-        period = int(keys[len("period"):])
-        gen = torch.Generator().manual_seed(period)
-        base = torch.randn(period, *inp.k_cache.shape[2:], generator=gen).to(case.dtype)
-        for b, L in enumerate(case.seq_lens):
-            tok = torch.arange(L)
-            pages = inp.page_table[b, tok // P].long()
-            inp.k_cache[pages, tok % P] = base[tok % period]
+        _repeat_keys(case, inp, int(keys[len("period"):]))
     elif keys == "outliers":
         for b, L in enumerate(case.seq_lens):
             for t, sign in ((L // 3, 1.0), (2 * L // 3, -1.0)):
                 page = int(inp.page_table[b, t // P])
                 inp.k_cache[page, t % P] = (sign * 4000.0 * inp.q[b].float().view(
                     case.num_kv_heads, case.group, -1).mean(1).sign()).to(case.dtype)
-    layout = lib_layout(ab, inp.ref_layout)
-    s, sc = _cpu_summaries(ab, case, inp, layout)
-    dev = _dev(inp)
-    args = _select_args(case)
-    got = ab.select_blocks(dev.q, _cuda(s), _cuda(sc), dev.page_table, dev.seq_lens, layout, **args)
-    expect = ab.select_blocks(inp.q, s, sc, inp.page_table, inp.seq_lens, layout, **args)
+    s, sc, args, got, expect = _select_on_gpu_and_cpu(ab, case, inp)
     candidates = case.seq_lens[0] // 4 - 4 - 16
     assert 2048 < candidates <= 16384 and 0 < int(expect[1][0, 0]) < candidates // 8
     if keys.startswith("period"):
@@ -519,12 +515,7 @@ def test_exact_ties_pick_lowest_indices(ab, fmt, summary, reduce):
                     tok = j * bs + t
                     page = int(inp.page_table[b, tok // case.page_size])
                     inp.k_cache[page, tok % case.page_size, h] = keys[t]
-    layout = lib_layout(ab, inp.ref_layout)
-    s, sc = _cpu_summaries(ab, case, inp, layout)
-    dev = _dev(inp)
-    args = _select_args(case)
-    got = ab.select_blocks(dev.q, _cuda(s), _cuda(sc), dev.page_table, dev.seq_lens, layout, **args)
-    expect = ab.select_blocks(inp.q, s, sc, inp.page_table, inp.seq_lens, layout, **args)
+    s, sc, args, got, expect = _select_on_gpu_and_cpu(ab, case, inp)
     assert torch.equal(got[1].cpu(), expect[1]) and torch.equal(got[0].cpu(), expect[0])
 
 
