@@ -27,14 +27,13 @@
 //     per-vector int8 / int4 box kinds): block logits as a small tensor-core product. With c > 0
 //     per channel, max(q hi, q lo) = q+ hi + q- lo (q+ = max(q, 0), q- = min(q, 0)) when
 //     hi >= lo, which the monotone per-channel codes and the float formats guarantee; so the
-//     logits of 16 blocks are one product codes[16 x R D] . X[R D x 2G] with X = (q+ c ; q- c)
-//     (mean: q c), each column split into a high and a low 16-bit part (X = hi + lo to ~2^-16
-//     relative; the two columns of a head are added after the product). Codes convert to the MMA
-//     type exactly with bit tricks: 4-bit codes n -> bf16(128 + n) - 128, 8-bit codes ->
-//     fp16(1024 + n) - 1024 (signed codes are biased by 8 / 128 first). fp16 operands are scaled
-//     by a power of two per head so that |X| <= 1 (no overflow; undone after the product).
-//     Per-channel zero points add q . zero per head, per-vector scales multiply each block's
-//     product.
+//     logits of 16 blocks are one product codes[16 x R D] . X[R D x G] with X = (q+ c ; q- c)
+//     (mean: q c). Integer codes (4 / 8 bits) run on integer tensor cores: X scaled by a power of
+//     two per head to 30-bit integers (14-bit for groups above 4 heads) split into signed bytes,
+//     exact int32 sums; 16-bit summaries run in their own type with X split into a high and a low
+//     16-bit part (details at MmaScorer). Per-channel zero points add q . zero per head,
+//     per-vector scales multiply each block's product. Lane L of a warp resolves the address of
+//     block L of the warp's 32; the MMA threads take theirs by shuffles.
 //   GenericScorer<D>: stages summaries in shared memory (any alignment), dequantizes to float32 per
 //     lane (box kinds: mid = (hi+lo)/2, rad = |hi-lo|/2, so max(q hi, q lo) = q mid + |q| rad for
 //     either order) and reduces each head's dot product over the warp.
@@ -165,80 +164,91 @@ __device__ inline float vector_scale(const SelectArgs& a, SummaryAt at, int r) {
 // Tensor-core scorer
 // ------------------------------------------------------------------------------------------------
 
-// A-operand registers of one k-step for rows gid (lo) and gid + 8 (hi): {a0a1, a2a3, a4a5, a6a7}.
-// kBits 4: bf16 codes; 8: fp16 codes; 16: the stored fp16 / bf16 values.
-template <int kBits>
-struct CodeConvert;
-
-template <>
-struct CodeConvert<4> {
-  // Nibble e (bits 4e..4e+3) and nibble e + 4 (bits 16+4e..) of a word -> bf16x2 exactly.
-  __device__ static uint32_t pair(uint32_t w, int e, uint32_t flip, __nv_bfloat162 bias) {
-    const uint32_t r = (((w ^ flip) >> (4 * e)) & 0x000F000Fu) | 0x43004300u;  // 128 + n
-    __nv_bfloat162 v = *reinterpret_cast<const __nv_bfloat162*>(&r);
-    v = __hsub2(v, bias);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-};
-
-template <>
-struct CodeConvert<8> {
-  // Bytes e and e + 2 of a word -> fp16x2 exactly.
-  __device__ static uint32_t pair(uint32_t w, int e, uint32_t flip, __half2 bias) {
-    const uint32_t r = (((w ^ flip) >> (8 * e)) & 0x00FF00FFu) | 0x64006400u;  // 1024 + n
-    __half2 v = *reinterpret_cast<const __half2*>(&r);
-    v = __hsub2(v, bias);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
-};
-
-// kNT: n-tiles of 8 columns held (2 columns per head of the group; ntiles = ceil(2 G / 8) are
-// used): 1 for groups of up to 4 heads (no unused accumulators, no per-tile tests), else 4.
+// MmaScorer<D, kBits, kNT>: kBits 4 / 8 (integer codes): m16n8k32 products of unsigned codes and
+// signed query bytes with int32 sums (exact); kBits 16: the stored fp16 / bf16 values on m16n8k16
+// with float32 sums. kNT n-tiles of 8 columns are held, kPlanes columns per head of the group:
+//   integer codes: X (float32) becomes integers x = X 2^(kXBits - e), |x| < 2^kXBits (2^e > the
+//     head's largest |X|; a power of two, so x = X exactly for every |X| >= 2^(e - 7) at 30 bits),
+//     each x split into kPlanes balanced signed bytes x = sum_p x_p 256^p, one column each; a
+//     head's dot product is sum_p acc_p 256^p (each acc_p exact, combined in float32) times
+//     2^(e - kXBits). kNT = 2 for groups of up to 4 heads (4 planes, 30-bit x), else 4 (2 planes,
+//     14-bit x). Signed codes (int8 / int4 with per-vector scales, mean kind only) are biased to
+//     unsigned by a flip of the top bit and the bias times sum x is subtracted.
+//   16-bit values: 2 planes, the high and the low 16-bit part of X (X = hi + lo to ~2^-16
+//     relative); fp16 operands are scaled by a power of two per head so that |X| <= 1. kNT = 1 for
+//     up to 4 heads, else 4.
+// Codes are unpacked by masks: a 32-bit word of 4-bit codes gives its even and its odd nibbles as
+// two registers of 4 bytes (the channel order this leaves is undone by the B fragments' order).
 template <int D, int kBits, int kNT>
 struct MmaScorer {
+  static constexpr bool kInt = kBits <= 8;
+  static constexpr int kPlanes = kInt && kNT == 2 ? 4 : 2;
+  static constexpr int kXBits = 8 * kPlanes - 2;  // the top byte of x stays within [-65, 65]
   static constexpr int kVecBytes = D * kBits / 8;
-  static constexpr int kThreadBytes = kVecBytes >= 64 ? 16 : 8;       // one load per thread-chunk
-  static constexpr int kChunks = kVecBytes / (4 * kThreadBytes);      // thread-chunks per vector
-  static constexpr int kStepsPerChunk = kThreadBytes * 8 / kBits / 4;  // k-steps of 16 channels
-  static constexpr int kStepsPerVector = D / 16;
+  static constexpr int kThreadBytes = kVecBytes >= 64 ? 16 : 8;  // one load per thread-chunk
+  static constexpr int kWords = kThreadBytes / 4;
+  static constexpr int kChunks = kVecBytes / (4 * kThreadBytes);  // thread-chunks per vector
+  // k-steps (32 channels for integer codes, 16 for 16-bit values) per thread-chunk and vector.
+  static constexpr int kStepsPerChunk = kBits == 4 ? kWords : kWords / 2;
+  static constexpr int kStepsPerVector = D / (kInt ? 32 : 16);
   static_assert(kChunks * kStepsPerChunk == kStepsPerVector, "chunk geometry");
+  static_assert(16 * kTilesPerWarp == 32, "a lane per row of the warp's m-tiles");
   using Chunk = typename std::conditional<kThreadBytes == 16, uint4, uint2>::type;
+  using Acc = typename std::conditional<kInt, int, float>::type;
 
-  // The four channels of k-step j of a thread-chunk starting at channel cb: k slots 2tq, 2tq+1
-  // (a0a1 / b0b1) and 2tq+8, 2tq+9 (a4a5 / b2b3), in the order the code conversion produces them.
-  __device__ static void step_channels(int cb, int j, int (&ch)[4]) {
-    if (kBits == 4) {  // word j/2, nibbles (e, e+4) and (e+1, e+5) with e = 2 (j % 2)
-      const int c0 = cb + 8 * (j >> 1) + 2 * (j & 1);
-      ch[0] = c0; ch[1] = c0 + 4; ch[2] = c0 + 1; ch[3] = c0 + 5;
-    } else if (kBits == 8) {  // word j, bytes (0, 2) and (1, 3)
-      const int c0 = cb + 4 * j;
-      ch[0] = c0; ch[1] = c0 + 2; ch[2] = c0 + 1; ch[3] = c0 + 3;
-    } else {  // words 2j and 2j+1
-      const int c0 = cb + 4 * j;
-      ch[0] = c0; ch[1] = c0 + 1; ch[2] = c0 + 2; ch[3] = c0 + 3;
+  // The channels of the k slots one B-fragment lane holds in k-step j of a thread-chunk whose
+  // first channel is cb, in register order (b0 .. b3 of the first register, then the second):
+  //   4-bit codes: word j's even nibbles (channels cb + 8j + 2i), then its odd ones;
+  //   8-bit codes: words 2j and 2j + 1 (channels cb + 8j + i, then cb + 8j + 4 + i);
+  //   16-bit values: k slots 2tq, 2tq+1 (b0b1) and 2tq+8, 2tq+9 (b2b3): words 2j and 2j + 1.
+  static constexpr int kSlots = kInt ? 8 : 4;
+  __device__ static void step_channels(int cb, int j, int (&ch)[kSlots]) {
+#pragma unroll
+    for (int i = 0; i < kSlots; ++i) {
+      if (kBits == 4) {
+        ch[i] = cb + 8 * j + 2 * (i & 3) + (i >> 2);
+      } else {
+        ch[i] = cb + (kInt ? 8 : 4) * j + i;
+      }
     }
+  }
+  // First channel of thread-chunk c of lane tq.
+  __device__ static int chunk_channel(int c, int tq) {
+    return (c * 4 + tq) * kThreadBytes * 8 / kBits;
   }
 
   struct Smem {
     uint2 b[2 * kStepsPerVector][kNT][32];  // B fragments per (k-step, n-tile, lane)
-    float x[kCudaMaxGroup][2][D];                  // q+ c, q- c (mean: q c in [0])
-    float qz[kCudaMaxGroup];                       // q . zero per head
-    float post[kCudaMaxGroup];                     // 2^e undoing the fp16 operand scaling
+    float x[kCudaMaxGroup][2][D];  // q+ c, q- c (mean: q c in [0]); integer codes: then x + offset
+    float qz[kCudaMaxGroup];                // q . zero per head
+    float post[kCudaMaxGroup];              // undoes the operand scaling (NaN: a non-finite X)
+    float bias_xsum[kCudaMaxGroup];         // signed codes: code bias times sum x (vector 0)
   };
 
-  // The query side in shared memory: X (q+ c, q- c or q c) in float32, q . zero and the fp16
+  // Balanced base-256 digits of x: x = sum_p d_p 256^p with d_p in [-128, 127] below the top
+  // plane (the top one in [-65, 65]). With y = x + kDigitOffset (128 added at every lower byte)
+  // byte p of y is d_p + 128 below the top and the top byte is d_top: digit() reads the two's
+  // complement byte of d_p from y without a carry chain.
+  static constexpr int kDigitOffset = kPlanes == 4 ? 0x808080 : 0x80;
+  __device__ static uint32_t digit(int y, int plane) {
+    return (static_cast<uint32_t>(y >> (8 * plane)) & 0xFFu) ^ (plane < kPlanes - 1 ? 0x80u : 0u);
+  }
+
+  // The query side in shared memory: X (q+ c, q- c or q c) in float32, q . zero and the operand
   // scaling per head, then the B fragments. Ends with a barrier.
   __device__ static void prepare(const SelectArgs& a, int b, int h, Smem& s) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int group = a.group;
     const bool box = a.num_vectors == 2;
     const SummaryFormat format = static_cast<SummaryFormat>(a.format);
-    const bool a_bf16 = kBits == 4 || (kBits == 16 && format == SummaryFormat::kBf16);
+    const bool a_bf16 = kBits == 16 && format == SummaryFormat::kBf16;
+    const bool is_signed = format == SummaryFormat::kInt8 || format == SummaryFormat::kInt4;
     const int64_t q_at = b * a.q_stride_batch + static_cast<int64_t>(h) * group * a.q_stride_head;
     const float* cscale = a.channel_scale ? a.channel_scale + h * a.channel_stride_head : nullptr;
     const float* czero = a.channel_zero ? a.channel_zero + h * a.channel_stride_head : nullptr;
     for (int i = warp; i < group; i += kWarps) {
       float qz = 0.0f, amax = 0.0f;
+      bool bad = false;
       for (int c = lane; c < D; c += 32) {
         const float q = load_half_as_float(a.q, q_at + i * a.q_stride_head + c, a.q_bf16);
         const float cs = cscale ? cscale[c] : 1.0f;
@@ -249,65 +259,94 @@ struct MmaScorer {
         s.x[i][0][c] = pos;
         s.x[i][1][c] = neg;
         amax = fmaxf(amax, fmaxf(fabsf(pos), fabsf(neg)));
+        bad = bad || !isfinite(pos) || !isfinite(neg);
       }
       qz = warp_sum(qz);
       amax = warp_max(amax);
+      bad = __any_sync(kFullMask, bad);
+      int e = 0;
+      if (amax > 0.0f && isfinite(amax)) frexpf(amax, &e);  // amax < 2^e (fmaxf drops NaN)
+      float post;
+      if (kInt) {
+        // A non-finite X makes every logit of the head NaN, as on the CPU.
+        // Each lane rewrites its own channels: x = X 2^(kXBits - e) (|x| < 2^kXBits; exact
+        // for |X| >= 2^(e - 7) at 30 bits), stored as the bits of x + kDigitOffset.
+        post = bad ? NAN : ldexpf(1.0f, e - kXBits);
+        const float pre = bad ? 0.0f : ldexpf(1.0f, kXBits - e);
+        long long sum = 0;
+        for (int r = 0; r < 2; ++r) {
+          for (int c = lane; c < D; c += 32) {
+            const int xi = __float2int_rn(s.x[i][r][c] * pre);
+            if (r == 0) sum += xi;
+            s.x[i][r][c] = __int_as_float(xi + kDigitOffset);
+          }
+        }
+        if (is_signed) {
+#pragma unroll
+          for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(kFullMask, sum, o);
+        }
+        if (lane == 0) {
+          const long long bias = kBits == 4 ? 8 : 128;
+          s.bias_xsum[i] = is_signed ? static_cast<float>(bias * sum) : 0.0f;
+        }
+      } else {
+        post = a_bf16 ? 1.0f : ldexpf(1.0f, e);  // fp16: X / 2^e with |X / 2^e| < 1
+      }
       if (lane == 0) {
         s.qz[i] = qz;
-        int e = 0;  // fp16 operands: X / 2^e with |X / 2^e| < 1
-        if (!a_bf16 && amax > 0.0f && isfinite(amax)) frexpf(amax, &e);
-        s.post[i] = ldexpf(1.0f, e);
+        s.post[i] = post;
       }
     }
     __syncthreads();
 
-    // B fragments: column n = 2 head + part (part 0: the high, 1: the low 16-bit part of X).
+    // B fragments: column n = kPlanes head + plane.
     const int total_steps = a.num_vectors * kStepsPerVector;
-    const int ntiles = (2 * group + 7) / 8;
+    const int ntiles = (kPlanes * group + 7) / 8;
     for (int idx = tid; idx < total_steps * ntiles * 32; idx += kThreads) {
       const int ln = idx & 31, nt = (idx >> 5) % ntiles, step = idx / (32 * ntiles);
       const int r = step / kStepsPerVector, sv = step % kStepsPerVector;
       const int c = sv / kStepsPerChunk, j = sv % kStepsPerChunk;
-      const int col = nt * 8 + (ln >> 2), head = col >> 1, part = col & 1;
-      int ch[4];
-      step_channels((c * 4 + (ln & 3)) * kThreadBytes * 8 / kBits, j, ch);
-      uint16_t v[4];
+      const int col = nt * 8 + (ln >> 2), head = col / kPlanes, plane = col % kPlanes;
+      int ch[kSlots];
+      step_channels(chunk_channel(c, ln & 3), j, ch);
+      uint32_t w[2] = {0u, 0u};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = head < group ? s.x[head][r][ch[e]] : 0.0f;
-        if (a_bf16) {
+      for (int e = 0; e < kSlots; ++e) {
+        const int word = e / (kSlots / 2), shift = (e % (kSlots / 2)) * (kInt ? 8 : 16);
+        if (head >= group) continue;
+        const float x = s.x[head][r][ch[e]];
+        uint32_t v;
+        if (kInt) {
+          v = digit(__float_as_int(x), plane);
+        } else if (a_bf16) {
           const __nv_bfloat16 hi = __float2bfloat16_rn(x);
-          v[e] = part == 0 ? __bfloat16_as_ushort(hi)
-                           : __bfloat16_as_ushort(__float2bfloat16_rn(x - __bfloat162float(hi)));
+          v = plane == 0 ? __bfloat16_as_ushort(hi)
+                         : __bfloat16_as_ushort(__float2bfloat16_rn(x - __bfloat162float(hi)));
         } else {
-          if (head < group) x /= s.post[head];  // exact: a power of two
-          const __half hi = __float2half_rn(x);
-          v[e] = part == 0 ? __half_as_ushort(hi)
-                           : __half_as_ushort(__float2half_rn(x - __half2float(hi)));
+          const float xs = x / s.post[head];  // exact: a power of two
+          const __half hi = __float2half_rn(xs);
+          v = plane == 0 ? __half_as_ushort(hi)
+                         : __half_as_ushort(__float2half_rn(xs - __half2float(hi)));
         }
+        w[word] |= v << shift;
       }
-      s.b[step][nt][ln] = make_uint2(pack_bits(v[0], v[1]), pack_bits(v[2], v[3]));
+      s.b[step][nt][ln] = make_uint2(w[0], w[1]);
     }
     __syncthreads();
   }
 
-  // The page-table entries of this thread's rows in one scoring pass (m-tile t, rows gid and
-  // gid + 8), loaded a pass ahead so that their latency overlaps the previous pass.
+  // The page-table entry of this lane's row in one scoring pass (lane L: row L of the warp's
+  // kTilesPerWarp m-tiles), loaded a pass ahead so that its latency overlaps the previous pass.
   struct RowPages {
-    int32_t page[kTilesPerWarp][2];
+    int32_t page;
   };
+  __device__ static int lane_row(int warp, int lane) { return 16 * kTilesPerWarp * warp + lane; }
   __device__ static void load_pages(const SelectArgs& a, int b, int h, int64_t j0, int nb,
                                     RowPages& rp) {
-    const int warp = threadIdx.x >> 5, gid = (threadIdx.x & 31) >> 2;
-    const int32_t* pages = a.page_table + b * a.page_table_stride_batch;
-#pragma unroll
-    for (int t = 0; t < kTilesPerWarp; ++t) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int jj = 16 * (kTilesPerWarp * warp + t) + gid + 8 * half;
-        rp.page[t][half] = jj < nb ? page_entry(a, pages, h, j0 + jj) : -1;
-      }
-    }
+    // Rows past nb load row nb - 1's entry (unused): an unconditional load has no consumer
+    // until the next pass (a select against -1 right after it waited for the load).
+    const int jj = min(lane_row(threadIdx.x >> 5, threadIdx.x & 31), nb - 1);
+    rp.page = page_entry(a, a.page_table + b * a.page_table_stride_batch, h, j0 + jj);
   }
 
   // Scores candidate blocks [j0, j0 + nb) of (b, h) (nb <= kSubChunk; `pages` from load_pages);
@@ -322,28 +361,32 @@ struct MmaScorer {
     const int gid = lane >> 2, tq = lane & 3;
     const int group = a.group;
     const bool box = a.num_vectors == 2;
-    const int ntiles = (2 * group + 7) / 8;
+    const int ntiles = (kPlanes * group + 7) / 8;
     const SummaryFormat format = static_cast<SummaryFormat>(a.format);
-    // 4-bit codes run as bf16, 8-bit codes as fp16, 16-bit summaries in their own type.
-    const bool a_bf16 = kBits == 4 || (kBits == 16 && format == SummaryFormat::kBf16);
+    const bool a_bf16 = kBits == 16 && format == SummaryFormat::kBf16;
     const bool is_signed = format == SummaryFormat::kInt8 || format == SummaryFormat::kInt4;
 
-    // 1. Issue the summary loads first, so that their latency overlaps the query set-up.
-    //    This warp's m-tiles t hold blocks j0 + 16 (kTilesPerWarp warp + t) + {gid, gid + 8}.
+    // 1. Lane L resolves the summary of row L of the warp's blocks (byte offset, per-vector
+    //    scale); the MMA threads take their rows' (m-tile t: blocks j0 + 16 (kTilesPerWarp warp +
+    //    t) + {gid, gid + 8}) by shuffles. Then the summary loads are issued first, so that their
+    //    latency overlaps the query set-up.
+    const int jj_mine = lane_row(warp, lane);
+    int64_t at_mine = -1;
+    float scale_mine = 1.0f;
+    if (jj_mine < nb) {
+      const SummaryAt at = summary_at_page(a, h, j0 + jj_mine, pages.page);
+      at_mine = byte_offset(a, at);
+      if (at.page >= 0 && a.scales != nullptr) scale_mine = vector_scale(a, at, 0);
+    }
     int64_t row_at[kTilesPerWarp][2];
     float row_scale[kTilesPerWarp][2];
 #pragma unroll
     for (int t = 0; t < kTilesPerWarp; ++t) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int jj = 16 * (kTilesPerWarp * warp + t) + gid + 8 * half;
-        row_at[t][half] = -1;
-        row_scale[t][half] = 1.0f;
-        if (jj < nb) {
-          const SummaryAt at = summary_at_page(a, h, j0 + jj, pages.page[t][half]);
-          row_at[t][half] = byte_offset(a, at);
-          if (at.page >= 0 && a.scales != nullptr) row_scale[t][half] = vector_scale(a, at, 0);
-        }
+        const int src = 16 * t + gid + 8 * half;
+        row_at[t][half] = __shfl_sync(kFullMask, at_mine, src);
+        row_scale[t][half] = a.scales != nullptr ? __shfl_sync(kFullMask, scale_mine, src) : 1.0f;
       }
     }
     // Loads i = ((t kChunks + c) 2 + r): thread-chunk c of vector r of m-tile t (r = 1 is skipped
@@ -369,19 +412,17 @@ struct MmaScorer {
 
     if (first) prepare(a, b, h, s);
 
-    // 2. The products, one k-step (16 channels) at a time.
-    float acc[kTilesPerWarp][kNT][4];
+    // 2. The products, one k-step at a time.
+    Acc acc[kTilesPerWarp][kNT][4];
 #pragma unroll
     for (int t = 0; t < kTilesPerWarp; ++t) {
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[t][nt][e] = 0.0f;
+        for (int e = 0; e < 4; ++e) acc[t][nt][e] = 0;
       }
     }
     const uint32_t flip = is_signed ? (kBits == 4 ? 0x88888888u : 0x80808080u) : 0u;
-    const __nv_bfloat162 bias4 = __float2bfloat162_rn(is_signed ? 136.0f : 128.0f);
-    const __half2 bias8 = __float2half2_rn(is_signed ? 1152.0f : 1024.0f);
 #pragma unroll
     for (int i = 0; i < kLoads; ++i) {
       const int t = i / (2 * kChunks), c = (i / 2) % kChunks, r = i % 2;
@@ -393,29 +434,26 @@ struct MmaScorer {
 #pragma unroll
       for (int j = 0; j < kStepsPerChunk; ++j) {
         uint32_t afrag[4];
-        if (kBits == 4) {
-          const int w = j >> 1, e = 2 * (j & 1);
-          afrag[0] = CodeConvert<4>::pair(wlo[w], e, flip, bias4);
-          afrag[1] = CodeConvert<4>::pair(whi[w], e, flip, bias4);
-          afrag[2] = CodeConvert<4>::pair(wlo[w], e + 1, flip, bias4);
-          afrag[3] = CodeConvert<4>::pair(whi[w], e + 1, flip, bias4);
-        } else if (kBits == 8) {
-          afrag[0] = CodeConvert<8>::pair(wlo[j], 0, flip, bias8);
-          afrag[1] = CodeConvert<8>::pair(whi[j], 0, flip, bias8);
-          afrag[2] = CodeConvert<8>::pair(wlo[j], 1, flip, bias8);
-          afrag[3] = CodeConvert<8>::pair(whi[j], 1, flip, bias8);
+        if (kBits == 4) {  // even nibbles (k 4tq..), then odd ones (k 16 + 4tq..)
+          const uint32_t lo = wlo[j] ^ flip, hi = whi[j] ^ flip;
+          afrag[0] = lo & 0x0F0F0F0Fu;
+          afrag[1] = hi & 0x0F0F0F0Fu;
+          afrag[2] = (lo >> 4) & 0x0F0F0F0Fu;
+          afrag[3] = (hi >> 4) & 0x0F0F0F0Fu;
         } else {
-          afrag[0] = wlo[2 * j];
-          afrag[1] = whi[2 * j];
-          afrag[2] = wlo[2 * j + 1];
-          afrag[3] = whi[2 * j + 1];
+          afrag[0] = wlo[2 * j] ^ flip;
+          afrag[1] = whi[2 * j] ^ flip;
+          afrag[2] = wlo[2 * j + 1] ^ flip;
+          afrag[3] = whi[2 * j + 1] ^ flip;
         }
         const int step = r * kStepsPerVector + c * kStepsPerChunk + j;
 #pragma unroll
         for (int nt = 0; nt < kNT; ++nt) {
-          if (kNT == 1 || nt < ntiles) {
+          if (kNT <= 2 || nt < ntiles) {
             const uint2 bf = s.b[step][nt][lane];
-            if (a_bf16) {
+            if constexpr (kInt) {
+              mma_u8s8(acc[t][nt], afrag, bf.x, bf.y);
+            } else if (a_bf16) {
               mma_bf16(acc[t][nt], afrag, bf.x, bf.y);
             } else {
               mma_f16(acc[t][nt], afrag, bf.x, bf.y);
@@ -425,7 +463,9 @@ struct MmaScorer {
       }
     }
 
-    // 3. Logits: thread (gid, tq) holds rows gid, gid + 8 of each m-tile and heads 4 nt + tq.
+    // 3. Logits: thread (gid, tq) holds rows gid, gid + 8 of each m-tile and columns 8 nt + 2 tq,
+    //    8 nt + 2 tq + 1: with 2 planes both of head 4 nt + tq; with 4 planes, planes 2 (tq & 1)
+    //    and 2 (tq & 1) + 1 of head 2 nt + tq / 2 (the other two in lane ^ 1).
     uint32_t* ws_bh = ws_of(a, b, h);
 #pragma unroll
     for (int t = 0; t < kTilesPerWarp; ++t) {
@@ -436,17 +476,36 @@ struct MmaScorer {
         float best = -INFINITY;
 #pragma unroll
         for (int nt = 0; nt < kNT; ++nt) {
-          const int head = 4 * nt + tq;
-          if ((kNT == 1 || nt < ntiles) && head < group) {
-            const float dot = acc[t][nt][2 * half] + acc[t][nt][2 * half + 1];
-            const float logit =
-                row_ok ? finite_or_nan((dot * s.post[head] * row_scale[t][half] + s.qz[head]) *
-                                       a.scale)
-                       : NAN;
-            best = fmaxf(best, rank_value(logit));
-            if (a.softmax_sum && jj < nb) {
-              reinterpret_cast<float*>(ws_bh)[head * a.ws_row + j0 + jj] = logit;
+          if (kNT > 2 && nt >= ntiles) continue;  // uniform over the warp
+          const Acc c0 = acc[t][nt][2 * half], c1 = acc[t][nt][2 * half + 1];
+          int head;
+          float dot;
+          if constexpr (kInt) {
+            // sum_p acc_p 256^p in float32: each acc_p (|acc_p| < 2^24) and power of two is
+            // exact, the additions round (the same codes always give the same logit).
+            if (kPlanes == 4) {
+              const float w = (tq & 1) ? 65536.0f : 1.0f;  // planes 2 (tq & 1), 2 (tq & 1) + 1
+              dot = fmaf(static_cast<float>(c1), 256.0f * w, static_cast<float>(c0) * w);
+              dot += __shfl_xor_sync(kFullMask, dot, 1);  // commutative: both lanes agree
+              head = 2 * nt + (tq >> 1);
+            } else {
+              dot = fmaf(static_cast<float>(c1), 256.0f, static_cast<float>(c0));
+              head = 4 * nt + tq;
             }
+            if (is_signed && head < group) dot -= s.bias_xsum[head];
+          } else {
+            dot = c0 + c1;
+            head = 4 * nt + tq;
+          }
+          if (head >= group) continue;
+          const float logit =
+              row_ok ? finite_or_nan((dot * s.post[head] * row_scale[t][half] + s.qz[head]) *
+                                     a.scale)
+                     : NAN;
+          best = fmaxf(best, rank_value(logit));
+          const bool writer = !kInt || kPlanes == 2 || (tq & 1) == 0;
+          if (a.softmax_sum && jj < nb && writer) {
+            reinterpret_cast<float*>(ws_bh)[head * a.ws_row + j0 + jj] = logit;
           }
         }
         if (!a.softmax_sum) {
@@ -1220,8 +1279,8 @@ void run_select_blocks(const SelectBlocksParams& p, void* workspace) {
       launch_select<GenericScorer<kDim>>(a, g.batch, stream);
     } else {
       dispatch_code_bits(format_is_4bit(format) ? 4 : esize == 1 ? 8 : 16, [&](auto bits) {
-        if (group <= 4) {
-          launch_select<MmaScorer<kDim, bits.value, 1>>(a, g.batch, stream);
+        if (group <= 4) {  // integer codes: 4 planes per head (2 n-tiles); 16-bit: 2 (1 n-tile)
+          launch_select<MmaScorer<kDim, bits.value, bits.value <= 8 ? 2 : 1>>(a, g.batch, stream);
         } else {
           launch_select<MmaScorer<kDim, bits.value, 2 * kCudaMaxGroup / 8>>(a, g.batch, stream);
         }

@@ -35,10 +35,13 @@
 // Arithmetic:
 //   update_centroids: the CPU reference's float64 reductions in the same order, so the stored
 //     summaries are bit-identical to update_centroids_cpu (NaN payloads aside).
-//   select_blocks: block logits in float32 accumulation, on tensor cores where the format allows
-//     (the query side split into two 16-bit parts, accurate to ~2^-16 relative per term), else on
-//     CUDA cores in float32; softmax_sum in float32; exact top-k of the float32 scores (radix
-//     select), ties to the lower block index. Scores within ~1e-5 of the computation's magnitude
+//   select_blocks: block logits on tensor cores where the format allows, else on CUDA cores in
+//     float32. Integer codes: the query side rounded to 30-bit integers per head (14-bit above 4
+//     query heads per KV head; error <= 2^-31, resp. 2^-15, of the head's largest
+//     |q . channel scale| per term), exact integer sums per byte of it, combined in float32;
+//     fp16 / bf16 summaries: float32 accumulation with the query side split into two 16-bit parts
+//     (~2^-16 relative per term). softmax_sum in float32; exact top-k of the float32 scores
+//     (radix select), ties to the lower block index. Scores within ~1e-5 of the computation's magnitude
 //     may therefore rank differently than in the float64 CPU reference. A logit that is not finite
 //     in float32 (a non-finite q or summary value, or overflow) is NaN and ranks last.
 //   attention: fp16/bf16 tensor-core products with float32 accumulation; the softmax weights are
