@@ -13,9 +13,9 @@ Comparison rules (the basis is the arithmetic stated in decode_cuda.h):
   and float32 accumulation (<= 2^-19 of the terms' magnitude over <= 512 terms), so
   |l_gpu - l_ref| <= e_ic = TIE_REL * M_ic with M_ic = scale * sum_d |q_id| (max_r |v_crd| +
   |zero_d|), TIE_REL = 1e-5 (2^-17 rounded up). Integer codes use 30-bit query integers for
-  groups of up to 4 heads (<= 2^-31 of max_d |q_id c_d| per code unit and term: inside e_ic) but
-  14-bit ones above 4 (<= 2^-15 of it per code unit and term: e_ic holds on these random cases,
-  it is not a bound there). A candidate's score error is e(c) = max_i e_ic (max), or
+  groups of up to 4 heads (an error of at most 2^-30 of max_d |q_id c_d| per code unit and term,
+  far below e_ic on these cases) but 14-bit ones above 4 heads (2^-14: e_ic holds on these random
+  cases; it is not a bound there). A candidate's score error is e(c) = max_i e_ic (max), or
   sum_i p_ic 2 max_c' e_ic' + 1e-6 score (softmax_sum: a softmax weight moves by at most twice its
   logits' error, plus float32 sums). A candidate x picked by the CPU and y picked by the GPU
   instead must satisfy s(x) - s(y) <= e(x) + e(y) (reference float64 scores s). Exact ties

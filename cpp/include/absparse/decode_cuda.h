@@ -37,7 +37,7 @@
 //     summaries are bit-identical to update_centroids_cpu (NaN payloads aside).
 //   select_blocks: block logits on tensor cores where the format allows, else on CUDA cores in
 //     float32. Integer codes: the query side rounded to 30-bit integers per head (14-bit above 4
-//     query heads per KV head; error <= 2^-31, resp. 2^-15, of the head's largest
+//     query heads per KV head; error <= 2^-30, resp. 2^-14, of the head's largest
 //     |q . channel scale| per term), exact integer sums per byte of it, combined in float32;
 //     fp16 / bf16 summaries: float32 accumulation with the query side split into two 16-bit parts
 //     (~2^-16 relative per term). softmax_sum in float32; exact top-k of the float32 scores
