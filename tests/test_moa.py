@@ -409,3 +409,13 @@ def test_evaluate_runs_window_plans():
     with pytest.raises(ValueError, match="missing"):
         evaluate(model, tok, samples, Cal(), [128, 256], methods=[],
                  window_plans={"window": {"128": full}})
+
+
+def test_experiment_rejects_unknown_calibration_tasks(tmp_path, capsys):
+    """--calibration-tasks is checked before the model is loaded: a name outside
+    CALIBRATION_TASKS exits with a usage error naming the option."""
+    from absparse.moa.experiment import main
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path), "--calibration-tasks", "passkey,vartrack"])
+    assert exc.value.code == 2
+    assert "--calibration-tasks" in capsys.readouterr().err

@@ -108,3 +108,17 @@ def test_score_output_string_match():
     s = tasks.make_sample("passkey", 400, 0.5, 0, count)
     assert tasks.score_output(s, f" {s.answers[0]}.") == 1.0
     assert tasks.score_output(s, " 12") == 0.0
+
+
+def test_calibration_tasks_cycle_and_reject_unknown_names():
+    """calibration_texts cycles through the tasks it is given (the MoA profile's
+    --calibration-tasks); the default keeps the order passkey, multikey, ppl; a task outside
+    CALIBRATION_TASKS (vartrack is evaluation-only) or an empty list raises ValueError."""
+    default = tasks.calibration_texts(count, 4, 600)
+    assert [s.task for s in default] == ["passkey", "multikey", "ppl", "passkey"]
+    only = tasks.calibration_texts(count, 3, 600, tasks=("multikey", "passkey"))
+    assert [s.task for s in only] == ["multikey", "passkey", "multikey"]
+    assert all(s.split == "calib" for s in only)
+    for bad in [("vartrack",), (), ("passkey", "essay")]:
+        with pytest.raises(ValueError, match="calibration_texts: tasks"):
+            tasks.calibration_texts(count, 2, 600, tasks=bad)

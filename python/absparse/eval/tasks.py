@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["Sample", "TASKS", "EVAL_SEED_BASE", "CALIB_SEED_BASE", "make_sample", "eval_suite",
-           "calibration_texts", "essay_sentences", "chronicle_sentences", "NOISE_SENTENCES",
+           "calibration_texts", "CALIBRATION_TASKS", "essay_sentences", "chronicle_sentences", "NOISE_SENTENCES",
            "score_output"]
 
 TASKS = ("passkey", "multikey", "vartrack", "ppl")
@@ -297,14 +297,23 @@ def eval_suite(count_tokens: Callable[[str], int], lengths: Sequence[int],
     return out
 
 
+CALIBRATION_TASKS = ("passkey", "multikey", "ppl")
+
+
 def calibration_texts(count_tokens: Callable[[str], int], num_samples: int, length: int,
-                      seed: int = 0) -> List[Sample]:
+                      seed: int = 0, tasks: Sequence[str] = CALIBRATION_TASKS) -> List[Sample]:
     """Calibration samples: chronicle-filler documents with retrieval needles (passkey and
-    multikey at spread depths), seeds disjoint from every evaluation sample."""
+    multikey at spread depths) and plain text (ppl), cycling through ``tasks`` (a non-empty
+    subset of CALIBRATION_TASKS), seeds disjoint from every evaluation sample."""
+    tasks = tuple(tasks)
+    bad = [t for t in tasks if t not in CALIBRATION_TASKS]
+    if not tasks or bad:
+        raise ValueError(f"calibration_texts: tasks: expected a non-empty subset of "
+                         f"{CALIBRATION_TASKS}, got {tasks}")
     counter = _Counter(count_tokens)
     out = []
     for i in range(num_samples):
-        task = ("passkey", "multikey", "ppl")[i % 3]
+        task = tasks[i % len(tasks)]
         depth = (i * 0.37 + 0.1) % 1.0
         out.append(make_sample(task, length, round(depth, 4), seed + i, count_tokens, "calib",
                                "chronicle", counter))

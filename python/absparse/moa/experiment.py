@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .plan import SINK_TOKENS, MoAPlan, moa_plan, outside_influence
+from ..eval.tasks import CALIBRATION_TASKS
 from .profile import compare_profiles, profile_influence
 
 __all__ = ["paired_bootstrap", "main"]
@@ -70,6 +71,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--profile-lengths", default="1024,2048")
     p.add_argument("--profile-samples", type=int, default=1)
+    p.add_argument("--calibration-tasks", default=",".join(CALIBRATION_TASKS),
+                   help="calibration tasks of the profile, cycled (subset of "
+                        f"{','.join(CALIBRATION_TASKS)})")
     p.add_argument("--budgets", default="384,512", help="tokens read per KV head (sink included)")
     p.add_argument("--lengths", default="1024,2048")
     p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
@@ -79,6 +83,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="evaluation processes (default: one per CPU core; results do not depend "
                         "on it)")
     args = p.parse_args(argv)
+    cal_tasks = tuple(args.calibration_tasks.split(","))
+    if not cal_tasks or any(t not in CALIBRATION_TASKS for t in cal_tasks):
+        p.error(f"--calibration-tasks: expected a subset of {','.join(CALIBRATION_TASKS)}, got "
+                f"{args.calibration_tasks!r}")
     torch.set_num_threads(1)
     from ..eval.evaluation import evaluate
     from ..eval.models import load_model
@@ -93,9 +101,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     log = lambda *a: print(f"[{time.perf_counter() - started:7.1f} s]", *a, flush=True)
 
     grad, gmeta = profile_influence(model, tok, lengths, args.profile_samples, "gradient",
-                                    progress=lambda n, s: log(f"profiled {s.id} at {n}"))
+                                    progress=lambda n, s: log(f"profiled {s.id} at {n}"),
+                                    tasks=cal_tasks)
     log("gradient profile", gmeta)
-    mass, mmeta = profile_influence(model, tok, lengths[:1], args.profile_samples, "mass")
+    mass, mmeta = profile_influence(model, tok, lengths[:1], args.profile_samples, "mass",
+                                    tasks=cal_tasks)
     log("mass profile", mmeta)
     corr = compare_profiles(grad[lengths[0]], mass[lengths[0]])
     log("spearman gradient vs mass", corr)
@@ -164,7 +174,8 @@ def _report(res, budgets, corr, proxy_check, gmeta, mmeta, plans, src, elapsed, 
              f"- versions: absparse {__version__}, torch {torch.__version__}, transformers "
              f"{transformers.__version__}",
              f"- profile: {gmeta['samples']} calibration sample(s) per length "
-             f"{gmeta['lengths']} (chronicle filler, calibration seeds), loss on the dense "
+             f"{gmeta['lengths']} (tasks {', '.join(gmeta.get('tasks', CALIBRATION_TASKS))}; "
+             f"chronicle filler, calibration seeds), loss on the dense "
              f"model's own greedy answer ({gmeta['max_new_tokens']} tokens max)",
              f"- evaluation: {res.meta['samples']} samples; dense prefill, every step from the "
              f"last prompt token on with the windows (sink {SINK_TOKENS} + span, blocks of 64)",

@@ -123,14 +123,16 @@ def _one_sample(model, full: torch.Tensor, answer_len: int, mode: str, block: in
 
 def profile_influence(model, tokenizer, lengths: Sequence[int] = (1024, 2048),
                       num_samples: int = 2, mode: str = "gradient", block: int = 64,
-                      max_new_tokens: int = 16, seed: int = 0, progress=None):
+                      max_new_tokens: int = 16, seed: int = 0, progress=None,
+                      tasks: Optional[Sequence[str]] = None):
     """Block-pooled influence per layer and KV head at every length, averaged over samples.
 
     Returns ``(profile, meta)``: profile ``{N: float64 [num_layers, Hk, nb, nb]}`` with
     ``nb = ceil(N / block)`` (a sample of ``N`` tokens, answer included), and meta with the
-    seconds and the peak resident memory (MiB) of the run.
+    seconds and the peak resident memory (MiB) of the run. ``tasks``: the calibration tasks
+    (default: all of :data:`absparse.eval.tasks.CALIBRATION_TASKS`, cycled).
     """
-    from ..eval.tasks import calibration_texts
+    from ..eval.tasks import CALIBRATION_TASKS, calibration_texts
 
     if mode not in ("gradient", "mass"):
         raise ValueError(f"profile_influence: mode: expected 'gradient' or 'mass', got {mode!r}")
@@ -142,7 +144,8 @@ def profile_influence(model, tokenizer, lengths: Sequence[int] = (1024, 2048),
     t0 = time.perf_counter()
     try:
         for n in lengths:
-            texts = calibration_texts(count, num_samples, n, seed)
+            texts = calibration_texts(count, num_samples, n, seed,
+                                      CALIBRATION_TASKS if tasks is None else tasks)
             for sample in texts:
                 ids = tokenizer(sample.prompt, return_tensors="pt",
                                 add_special_tokens=False).input_ids
@@ -160,6 +163,7 @@ def profile_influence(model, tokenizer, lengths: Sequence[int] = (1024, 2048),
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
     meta = {"mode": mode, "lengths": list(lengths), "samples": num_samples, "seed": seed,
+            "tasks": list(CALIBRATION_TASKS if tasks is None else tasks),
             "block": block, "max_new_tokens": max_new_tokens,
             "seconds": round(time.perf_counter() - t0, 1),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
