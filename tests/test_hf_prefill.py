@@ -97,7 +97,8 @@ def _masked_attention64(q, k, v, allowed, scaling):
 def _allowed(indices, count, rows_block, block, length):
     """bool [S, S]: query t may see stored key row r iff r's block is listed for t's block;
     ``rows_block`` [S] is the block of each key column (its stored row // block)."""
-    listed = torch.zeros(indices.shape[0], indices.shape[1] + 1, dtype=torch.bool)   # [Nq, M+1]
+    width = max(indices.shape[1], -(-length // block)) + 1      # a column per key block (lists
+    listed = torch.zeros(indices.shape[0], width, dtype=torch.bool)  # may be narrower than that)
     for i in range(indices.shape[0]):
         listed[i, indices[i, :count[i]].long()] = True
     t_block = torch.arange(length) // block
@@ -122,6 +123,7 @@ def _assert_matches_lists(call, mode, block, config, length, tol):
     """One recorded prefill call: the builder run again on the recorded q / k / v (same device,
     same dtype) gives the layer's density, and every output row equals float64 attention of the
     ORIGINAL-order q/k/v under the mask its lists (and, for pbs, the key permutation) expand to."""
+    from absparse.moa import band_prefill_blocks
     from absparse.prefill_masks import flexprefill_mask, pbs_mask, pbs_permute
 
     layer, query, key, value, scaling, out = call
@@ -134,6 +136,14 @@ def _assert_matches_lists(call, mode, block, config, length, tol):
     if mode == "flexprefill":
         idx, cnt, info = flexprefill_mask(q, k, cu, block, gamma=config["gamma"],
                                           min_budget=config["min_budget"], scale=scaling)
+        pos = None
+    elif mode == "window":  # MoA's band at the prompt length, one list per KV head
+        w = layer.window
+        lens = torch.full((b,), s, dtype=torch.int64)
+        idx, cnt = band_prefill_blocks(lens, w.const.cpu(), w.slope.cpu(), w.den, w.sink_tokens,
+                                       block, block)
+        nq = cnt.shape[2]
+        info = {"density": (cnt.sum(2).double() / (nq * (nq + 1) // 2)).float()}
         pos = None
     else:
         seg = config["segment_size"]
@@ -225,6 +235,34 @@ def test_bf16_sparse_prefill_on_each_device_matches_masked_float64_attention(dev
     for call in calls:
         _assert_matches_lists(call, mode, 64, DEVICE_SPARSE[mode], DEVICE_LENGTH,
                               tol=2 ** -8 * max(call[3].abs().max().item(), 1.0))
+
+
+def test_window_prefill_matches_masked_float64_attention(tiny, monkeypatch):
+    """Prefill mode 'window' with a MoA plan attached: each layer's output equals float64
+    attention under the causal mask of its band lists (sink + span per KV head, in whole blocks),
+    its density is the listed share of the causal blocks; without a plan it raises."""
+    from absparse.hf import AbsparseCache, PrefillConfig
+    from absparse.moa import MoAPlan, attach
+
+    model, ids = tiny
+    # Layer 0: 40 tokens / L/4; layer 1: L/8 / 10 tokens; sink 16 (blocks of 32: half a block).
+    plan = MoAPlan(torch.tensor([[8 * 40, 0], [0, 8 * 10]]), torch.tensor([[0, 2], [1, 0]]),
+                   sink_tokens=16, block=32)
+    calls = _record_prefill(monkeypatch)
+    cache = AbsparseCache(model.config, None, page_size=64,
+                          prefill=PrefillConfig("window", block_size=BLOCK))
+    attach(cache, plan)
+    assert torch.isfinite(_forward(model, ids, cache)).all()
+    assert len(calls) == 2
+    dens = cache.prefill_densities()
+    assert all(0 < d < 1 for d in dens), dens
+    for call in calls:
+        _assert_matches_lists(call, "window", BLOCK, {}, LENGTH,
+                              tol=1e-5 * max(call[3].abs().max().item(), 1.0))
+    bare = AbsparseCache(model.config, None, page_size=64,
+                         prefill=PrefillConfig("window", block_size=BLOCK))
+    with pytest.raises(ValueError, match="prefill mode 'window' needs MoA windows"):
+        _forward(model, ids, bare)
 
 
 def test_pbs_cache_keeps_original_order(tiny, monkeypatch):

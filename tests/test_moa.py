@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import reference as ref
-from absparse.moa import (MoAPlan, max_window_blocks, moa_plan, solve_spans, span_grid,
-                          window_blocks)
+from absparse.moa import (MoAPlan, band_prefill_blocks, max_window_blocks, moa_plan, solve_spans,
+                          span_grid, window_blocks)
 from absparse.moa.experiment import paired_bootstrap
 from conftest import assert_out_close
 
@@ -220,6 +220,81 @@ def test_windows_attend_like_dense_attention_over_the_window_mask(ab, dtype):
             lst = idx[b, h, :int(cnt[b, h])].tolist()
             assert lst == sorted(set(lst)) and (idx[b, h, int(cnt[b, h]):] == -1).all()
             assert ref.attended_mask(L, block_sizes[h], lst).tolist() == masks[b][h].tolist()
+
+
+def _band_block_sets(L, span, sink, qb, kb):
+    """Brute force over tokens: for every query block, the key blocks holding a key that one of
+    its queries attends under MoA's band (k <= t and (k < sink or t - span < k))."""
+    span = max(span, 1)
+    out = []
+    for i in range(-(-L // qb)):
+        blocks = set()
+        for t in range(i * qb, min((i + 1) * qb, L)):
+            for key in range(t + 1):
+                if key < sink or key > t - span:
+                    blocks.add(key // kb)
+        out.append(sorted(blocks))
+    return out
+
+
+@pytest.mark.parametrize("qb,kb,sink", [(16, 8, 5), (8, 16, 0), (64, 64, 64), (7, 5, 12)])
+def test_band_prefill_blocks_are_the_band_rounded_to_blocks(qb, kb, sink):
+    """Every (sequence, KV head, query block) lists exactly the key blocks that hold a key of the
+    band (brute force over tokens), ascending, padded with -1; lengths 0, 1, block multiples and
+    ragged ones; spans growing with L, 0 (clamped to 1), and longer than the prompt."""
+    lens = [0, 1, 16, 40, 97, 130]
+    const = torch.tensor([8 * 20, -8 * 64, 0, 8 * 5000])           # 20 + L/8, L/2 - 64, 0, all
+    slope = torch.tensor([1, 4, 0, 0])
+    sl = torch.tensor(lens, dtype=torch.int32)
+    idx, cnt = band_prefill_blocks(sl, const, slope, 8, sink, qb, kb)
+    nq = -(-max(lens) // qb)
+    assert idx.shape[:3] == (len(lens), 4, nq) and cnt.shape == (len(lens), 4, nq)
+    for b, L in enumerate(lens):
+        for h in range(4):
+            want = _band_block_sets(L, _span(int(const[h]), int(slope[h]), 8, L), sink, qb, kb)
+            for i in range(nq):
+                n = int(cnt[b, h, i])
+                got = idx[b, h, i, :n].tolist()
+                assert got == (want[i] if i < len(want) else []), (L, h, i, got)
+                assert (idx[b, h, i, n:] == -1).all()
+
+
+def test_band_prefill_matches_dense_attention_under_the_block_mask(ab):
+    """The lists drive sparse_prefill: its output equals float64 attention under the causal mask
+    of the listed blocks (a query sees every earlier key of its listed blocks)."""
+    g = torch.Generator().manual_seed(3)
+    lens, hk, G, D, qb, kb, sink = [70, 1, 129], 2, 2, 32, 16, 16, 8
+    cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32)
+    T = int(cu[-1])
+    q = torch.randn(T, hk * G, D, generator=g)
+    k = torch.randn(T, hk, D, generator=g)
+    v = torch.randn(T, hk, D, generator=g)
+    const, slope = torch.tensor([8 * 24, 0]), torch.tensor([0, 2])  # 24 tokens; L/4
+    idx, cnt = band_prefill_blocks(torch.tensor(lens), const, slope, 8, sink, qb, kb)
+    out = ab.sparse_prefill(q, k, v, cu, idx, cnt, qb, kb)
+    for b, L in enumerate(lens):
+        s0 = int(cu[b])
+        for h in range(hk * G):
+            kh = h // G
+            mask = torch.zeros(L, L, dtype=torch.bool)
+            for t in range(L):
+                listed = idx[b, kh, t // qb, :int(cnt[b, kh, t // qb])].tolist()
+                for key in range(t + 1):
+                    mask[t, key] = key // kb in listed
+            qq, kk, vv = (x[s0:s0 + L, hh].double() for x, hh in ((q, h), (k, kh), (v, kh)))
+            logits = (qq @ kk.T / math.sqrt(D)).masked_fill(~mask, -math.inf)
+            want = torch.softmax(logits, dim=-1) @ vv
+            assert torch.allclose(out[s0:s0 + L, h].double(), want, atol=1e-5), (b, h)
+
+
+def test_band_prefill_blocks_rejects_bad_arguments():
+    one = torch.ones(1, dtype=torch.int64)
+    L = torch.tensor([10])
+    for kw, name in [(dict(q_block=0), "q_block"), (dict(k_block=-1), "k_block"),
+                     (dict(den=0), "den"), (dict(sink_tokens=-1), "sink_tokens")]:
+        args = dict(den=1, sink_tokens=0, q_block=8, k_block=8) | kw
+        with pytest.raises(ValueError, match=f"band_prefill_blocks: {name}"):
+            band_prefill_blocks(L, one, one, **args)
 
 
 @pytest.mark.gpu

@@ -34,7 +34,10 @@ every mode). The batch ``[B, Hq, S, D]`` is packed to the varlen format ``q [B*S
   default) -> ``sparse_prefill``, one list per query head;
 - ``pbs``: ``pbs_permute`` (segments of 256) -> ``pbs_mask`` (threshold 0.9, first block forced)
   -> ``sparse_prefill`` over the permuted copy with ``key_positions``; the cache keeps the keys and
-  values in their original order (it was written before the attention runs).
+  values in their original order (it was written before the attention runs);
+- ``window``: MoA's band mask (``absparse.moa.band_prefill_blocks``: the sink and each KV head's
+  span ``S_h(S)`` at the prompt length, rounded out to whole blocks) -> ``sparse_prefill``; needs
+  the MoA plan attached to the cache (``absparse.moa.attach``), one list per KV head.
 
 Every non-dense prefill records per layer the attained block density (listed / causal blocks, per
 sequence and list head): ``PagedLayer.prefill_density``, averaged by
@@ -60,6 +63,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 from .layout import LayerLayout, ModelLayout
+from .moa.serve import band_prefill_blocks
 from .ops import dense_decode, select_blocks, sparse_decode, update_centroids
 from .prefill import dense_causal_block_lists, sparse_prefill
 from .prefill_masks import flexprefill_mask, pbs_mask, pbs_permute
@@ -92,7 +96,7 @@ class DecodeConfig:
     group_reduce: str = "max"
 
 
-PREFILL_MODES = ("dense", "causal", "flexprefill", "pbs")
+PREFILL_MODES = ("dense", "causal", "flexprefill", "pbs", "window")
 
 
 @dataclass(frozen=True)
@@ -405,8 +409,11 @@ class PagedLayer(CacheLayerMixin):
         -> ``[B, S, Hq, D]``; records :attr:`prefill_density`.
         """
         self._sparse_prefill_pending = False
+        if self.prefill.mode == "window" and self.window is None:
+            raise ValueError("PagedLayer.attend_prefill: prefill mode 'window' needs MoA windows: "
+                             "attach a plan with absparse.moa.attach(cache, plan)")
         out, self.prefill_density = _block_sparse_prefill(query, key, value, scaling,
-                                                          self.prefill)
+                                                          self.prefill, self.window)
         return out
 
     # --- decode --------------------------------------------------------------------------------
@@ -537,8 +544,9 @@ def _packed(x: torch.Tensor) -> torch.Tensor:
 
 
 def _block_sparse_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          scaling: Optional[float], cfg: PrefillConfig):
-    """Causal prefill attention over the block lists of ``cfg.mode`` (not ``dense``).
+                          scaling: Optional[float], cfg: PrefillConfig, window=None):
+    """Causal prefill attention over the block lists of ``cfg.mode`` (not ``dense``); ``window``:
+    the layer's MoA windows (``absparse.moa.LayerWindows``, mode ``window``).
 
     query ``[B, Hq, S, D]``, key/value ``[B, Hk, S, D]`` -> (out ``[B, S, Hq, D]`` in query's
     dtype, density float32 ``[B, H]`` on query's device). The CPU reference computes in float32
@@ -554,6 +562,12 @@ def _block_sparse_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.T
     if cfg.mode == "causal":
         idx, cnt = dense_causal_block_lists(cu, bs, bs, k.shape[1])
         density = torch.ones(cnt.shape[:2], device=device)
+    elif cfg.mode == "window":
+        lens = torch.full((batch,), steps, dtype=torch.int64, device=device)
+        idx, cnt = band_prefill_blocks(lens, window.const.to(device), window.slope.to(device),
+                                       window.den, window.sink_tokens, bs, bs)
+        causal = torch.arange(1, cnt.shape[2] + 1, device=device).sum()   # causal blocks
+        density = (cnt.sum(dim=2).double() / causal).float()               # [B, Hk]
     else:
         # The mask builders run where the tensors are (CUDA: on the current stream, no host
         # round trip; every sequence has `steps` tokens, so max_len is known).

@@ -21,7 +21,8 @@ DEFAULTS = {
     "budgets": "128,256,512", "calib_samples": 4, "calib_length": 2048, "ppl_samples": 4,
 }
 EVAL_TASKS = ("passkey", "multikey", "vartrack")
-PREFILL_MODES = ("dense", "causal", "flexprefill", "pbs")   # absparse.hf.PREFILL_MODES
+# absparse.hf.PREFILL_MODES but "window" (MoA's band, which needs a plan the CLI does not load)
+PREFILL_MODES = ("dense", "causal", "flexprefill", "pbs")
 FILLERS = ("essay", "noise")
 
 

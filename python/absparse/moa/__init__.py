@@ -8,7 +8,8 @@
 See ``docs/moa.md``.
 """
 from .plan import BLOCK, SINK_TOKENS, MoAPlan, moa_plan, outside_influence, solve_spans, span_grid
-from .serve import LayerWindows, attach, max_window_blocks, window_blocks
+from .serve import LayerWindows, attach, band_prefill_blocks, max_window_blocks, window_blocks
 
 __all__ = ["BLOCK", "SINK_TOKENS", "MoAPlan", "moa_plan", "outside_influence", "solve_spans",
-           "span_grid", "LayerWindows", "attach", "max_window_blocks", "window_blocks"]
+           "span_grid", "LayerWindows", "attach", "band_prefill_blocks", "max_window_blocks",
+           "window_blocks"]

@@ -19,7 +19,7 @@ import torch
 
 from .plan import MoAPlan
 
-__all__ = ["window_blocks", "max_window_blocks", "LayerWindows", "attach"]
+__all__ = ["window_blocks", "max_window_blocks", "band_prefill_blocks", "LayerWindows", "attach"]
 
 
 def _span(seq_lens: torch.Tensor, const: torch.Tensor, slope: torch.Tensor, den: int):
@@ -81,6 +81,67 @@ def window_blocks(seq_lens: torch.Tensor, const: torch.Tensor, slope: torch.Tens
     start = torch.maximum(torch.div(L - span, bs, rounding_mode="floor"), nsink)
     count = nsink + (nb - start)                                           # [B, Hk]
     j = torch.arange(max_blocks, device=seq_lens.device, dtype=torch.int64)  # [M]
+    idx = torch.where(j < nsink[..., None], j, start[..., None] + j - nsink[..., None])
+    idx = torch.where(j < count[..., None], idx, -1)
+    return idx.to(torch.int32), count.to(torch.int32)
+
+
+def band_prefill_blocks(seq_lens: torch.Tensor, const: torch.Tensor, slope: torch.Tensor,
+                        den: int, sink_tokens: int, q_block: int, k_block: int):
+    """Block lists of MoA's band mask for ``absparse.sparse_prefill`` (one list per KV head).
+
+    The query at position t of a prompt of L tokens attends, in KV head h with span
+    ``S = max(S_h(L), 1)``, the sink keys ``k < sink_tokens`` and the window ``t - S < k <= t``.
+    Query block i (positions ``[i q_block, min((i + 1) q_block, L))``) lists every key block that
+    holds such a key for one of its queries: the sink blocks, then the blocks of keys
+    ``(i q_block - S, min((i + 1) q_block, L) - 1]``, ascending. ``sparse_prefill`` applies the
+    causal rule inside the listed blocks, so a query also sees the rest of its blocks: the band
+    rounded out to whole key blocks (at most ``k_block - 1`` keys beyond the span), as in MoA's
+    block-sparse kernel.
+
+    Parameters
+    ----------
+    seq_lens : int [B] prompt lengths (any device; the lists are built there)
+    const, slope : int64 [Hk] on that device, ``den`` int > 0: ``S_h(L) = floor((const + slope
+        L) / den)`` clamped to ``[0, L]`` (a :class:`~absparse.moa.MoAPlan` layer's rule)
+    sink_tokens : int >= 0; q_block, k_block : block sizes of the prefill, > 0
+
+    Returns
+    -------
+    block_indices : int32 [B, Hk, Nq, M] with ``Nq = ceil(max L / q_block)``, padded with -1
+    block_counts : int32 [B, Hk, Nq] (0 for query blocks past a sequence's end)
+
+    Example
+    -------
+    >>> L = torch.tensor([512], dtype=torch.int32)
+    >>> one = torch.ones(1, dtype=torch.int64)
+    >>> idx, cnt = band_prefill_blocks(L, 100 * one, 0 * one, 1, 64, 128, 64)
+    >>> cnt.tolist()
+    [[[2, 4, 5, 5]]]
+    >>> idx[0, 0, 2].tolist()  # query block 2 (256..383): sink block 0, keys 157..383 = blocks 2-5
+    [0, 2, 3, 4, 5]
+    """
+    for name, x in (("den", den), ("q_block", q_block), ("k_block", k_block)):
+        if int(x) <= 0:
+            raise ValueError(f"band_prefill_blocks: {name}: expected > 0, got {x}")
+    if sink_tokens < 0:
+        raise ValueError(f"band_prefill_blocks: sink_tokens: expected >= 0, got {sink_tokens}")
+    dev = seq_lens.device
+    L = seq_lens.to(torch.int64)                                           # [B]
+    span = torch.clamp(_span(seq_lens, const, slope, den), min=1)          # [B, Hk]
+    nq = -(-int(L.max()) // q_block) if L.numel() else 0
+    i = torch.arange(nq, device=dev, dtype=torch.int64)                    # [Nq]
+    t_first = i * q_block                                                  # [Nq]
+    t_last = torch.minimum((i[None] + 1) * q_block, L[:, None]) - 1        # [B, Nq]
+    valid = t_first[None] < L[:, None]                                     # [B, Nq]
+    last_block = torch.div(t_last, k_block, rounding_mode="floor")[:, None]  # [B, 1, Nq]
+    nsink = torch.minimum(torch.full_like(last_block, -(-sink_tokens // k_block)), last_block + 1)
+    lo_key = torch.clamp(t_first[None, None] - span[..., None] + 1, min=0)  # [B, Hk, Nq]
+    start = torch.maximum(torch.div(lo_key, k_block, rounding_mode="floor"), nsink)
+    count = nsink + torch.clamp(last_block - start + 1, min=0)             # [B, Hk, Nq]
+    count = torch.where(valid[:, None], count, 0)
+    width = int(count.max()) if count.numel() else 0
+    j = torch.arange(width, device=dev, dtype=torch.int64)                 # [M]
     idx = torch.where(j < nsink[..., None], j, start[..., None] + j - nsink[..., None])
     idx = torch.where(j < count[..., None], idx, -1)
     return idx.to(torch.int32), count.to(torch.int32)
