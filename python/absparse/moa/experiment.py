@@ -78,6 +78,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--lengths", default="1024,2048")
     p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="first evaluation seed (disjoint runs: the previous run's first + seeds)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=None,
                    help="evaluation processes (default: one per CPU core; results do not depend "
@@ -133,7 +135,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     count = lambda s: len(tok(s, add_special_tokens=False).input_ids)
     samples = eval_suite(count, [int(x) for x in args.lengths.split(",")],
                          tasks=list(RETRIEVAL), depths=[float(x) for x in args.depths.split(",")],
-                         seeds_per_cell=args.seeds, ppl_samples=0)
+                         seeds_per_cell=args.seeds, ppl_samples=0, first_seed=args.first_seed)
     res = evaluate(model, tok, samples, _NoCalibration(), budgets, methods=[],
                    batch_size=args.batch_size, page_size=64, window_plans=plans,
                    workers=args.workers)
