@@ -566,8 +566,8 @@ def _block_sparse_prefill(query: torch.Tensor, key: torch.Tensor, value: torch.T
         lens = torch.full((batch,), steps, dtype=torch.int64, device=device)
         idx, cnt = band_prefill_blocks(lens, window.const.to(device), window.slope.to(device),
                                        window.den, window.sink_tokens, bs, bs)
-        causal = torch.arange(1, cnt.shape[2] + 1, device=device).sum()   # causal blocks
-        density = (cnt.sum(dim=2).double() / causal).float()               # [B, Hk]
+        nq = cnt.shape[2]
+        density = (cnt.sum(dim=2).double() / (nq * (nq + 1) // 2)).float()  # of causal blocks
     else:
         # The mask builders run where the tensors are (CUDA: on the current stream, no host
         # round trip; every sequence has `steps` tokens, so max_len is known).

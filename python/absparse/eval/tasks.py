@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["Sample", "TASKS", "EVAL_SEED_BASE", "CALIB_SEED_BASE", "make_sample", "eval_suite",
-           "calibration_texts", "CALIBRATION_TASKS", "essay_sentences", "chronicle_sentences", "NOISE_SENTENCES",
-           "score_output"]
+           "calibration_texts", "CALIBRATION_TASKS", "check_calibration_tasks", "essay_sentences",
+           "chronicle_sentences", "NOISE_SENTENCES", "score_output"]
 
 TASKS = ("passkey", "multikey", "vartrack", "ppl")
 EVAL_SEED_BASE = 1_000_000
@@ -300,16 +300,21 @@ def eval_suite(count_tokens: Callable[[str], int], lengths: Sequence[int],
 CALIBRATION_TASKS = ("passkey", "multikey", "ppl")
 
 
+def check_calibration_tasks(tasks: Sequence[str]) -> Tuple[str, ...]:
+    """``tasks`` as a tuple; ValueError unless it is a non-empty subset of CALIBRATION_TASKS."""
+    tasks = tuple(tasks)
+    if not tasks or any(t not in CALIBRATION_TASKS for t in tasks):
+        raise ValueError(f"calibration_texts: tasks: expected a non-empty subset of "
+                         f"{CALIBRATION_TASKS}, got {tasks}")
+    return tasks
+
+
 def calibration_texts(count_tokens: Callable[[str], int], num_samples: int, length: int,
                       seed: int = 0, tasks: Sequence[str] = CALIBRATION_TASKS) -> List[Sample]:
     """Calibration samples: chronicle-filler documents with retrieval needles (passkey and
     multikey at spread depths) and plain text (ppl), cycling through ``tasks`` (a non-empty
     subset of CALIBRATION_TASKS), seeds disjoint from every evaluation sample."""
-    tasks = tuple(tasks)
-    bad = [t for t in tasks if t not in CALIBRATION_TASKS]
-    if not tasks or bad:
-        raise ValueError(f"calibration_texts: tasks: expected a non-empty subset of "
-                         f"{CALIBRATION_TASKS}, got {tasks}")
+    tasks = check_calibration_tasks(tasks)
     counter = _Counter(count_tokens)
     out = []
     for i in range(num_samples):

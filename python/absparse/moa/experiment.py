@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .plan import SINK_TOKENS, MoAPlan, moa_plan, outside_influence
-from ..eval.tasks import CALIBRATION_TASKS
+from ..eval.tasks import CALIBRATION_TASKS, check_calibration_tasks
 from .profile import compare_profiles, profile_influence
 
 __all__ = ["paired_bootstrap", "main"]
@@ -85,10 +85,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="evaluation processes (default: one per CPU core; results do not depend "
                         "on it)")
     args = p.parse_args(argv)
-    cal_tasks = tuple(args.calibration_tasks.split(","))
-    if not cal_tasks or any(t not in CALIBRATION_TASKS for t in cal_tasks):
-        p.error(f"--calibration-tasks: expected a subset of {','.join(CALIBRATION_TASKS)}, got "
-                f"{args.calibration_tasks!r}")
+    try:  # checked before the model loads
+        cal_tasks = check_calibration_tasks(args.calibration_tasks.split(","))
+    except ValueError as e:
+        p.error(f"--calibration-tasks: {e}")
     torch.set_num_threads(1)
     from ..eval.evaluation import evaluate
     from ..eval.models import load_model
@@ -176,7 +176,7 @@ def _report(res, budgets, corr, proxy_check, gmeta, mmeta, plans, src, elapsed, 
              f"- versions: absparse {__version__}, torch {torch.__version__}, transformers "
              f"{transformers.__version__}",
              f"- profile: {gmeta['samples']} calibration sample(s) per length "
-             f"{gmeta['lengths']} (tasks {', '.join(gmeta.get('tasks', CALIBRATION_TASKS))}; "
+             f"{gmeta['lengths']} (tasks {', '.join(gmeta['tasks'])}; "
              f"chronicle filler, calibration seeds), loss on the dense "
              f"model's own greedy answer ({gmeta['max_new_tokens']} tokens max)",
              f"- evaluation: {res.meta['samples']} samples; dense prefill, every step from the "

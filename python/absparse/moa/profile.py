@@ -132,8 +132,9 @@ def profile_influence(model, tokenizer, lengths: Sequence[int] = (1024, 2048),
     seconds and the peak resident memory (MiB) of the run. ``tasks``: the calibration tasks
     (default: all of :data:`absparse.eval.tasks.CALIBRATION_TASKS`, cycled).
     """
-    from ..eval.tasks import CALIBRATION_TASKS, calibration_texts
+    from ..eval.tasks import CALIBRATION_TASKS, calibration_texts, check_calibration_tasks
 
+    tasks = check_calibration_tasks(CALIBRATION_TASKS if tasks is None else tasks)
     if mode not in ("gradient", "mass"):
         raise ValueError(f"profile_influence: mode: expected 'gradient' or 'mass', got {mode!r}")
     requires = [p.requires_grad for p in model.parameters()]
@@ -144,8 +145,7 @@ def profile_influence(model, tokenizer, lengths: Sequence[int] = (1024, 2048),
     t0 = time.perf_counter()
     try:
         for n in lengths:
-            texts = calibration_texts(count, num_samples, n, seed,
-                                      CALIBRATION_TASKS if tasks is None else tasks)
+            texts = calibration_texts(count, num_samples, n, seed, tasks)
             for sample in texts:
                 ids = tokenizer(sample.prompt, return_tensors="pt",
                                 add_special_tokens=False).input_ids
@@ -163,7 +163,7 @@ def profile_influence(model, tokenizer, lengths: Sequence[int] = (1024, 2048),
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
     meta = {"mode": mode, "lengths": list(lengths), "samples": num_samples, "seed": seed,
-            "tasks": list(CALIBRATION_TASKS if tasks is None else tasks),
+            "tasks": list(tasks),
             "block": block, "max_new_tokens": max_new_tokens,
             "seconds": round(time.perf_counter() - t0, 1),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
