@@ -41,9 +41,9 @@
 //     |q . channel scale| per term), exact integer sums per byte of it, combined in float32;
 //     fp16 / bf16 summaries: float32 accumulation with the query side split into two 16-bit parts
 //     (~2^-16 relative per term). softmax_sum in float32; exact top-k of the float32 scores
-//     (radix select), ties to the lower block index. Scores within ~1e-5 of the computation's magnitude
-//     may therefore rank differently than in the float64 CPU reference. A logit that is not finite
-//     in float32 (a non-finite q or summary value, or overflow) is NaN and ranks last.
+//     (radix select), ties to the lower block index. Scores within ~1e-5 of the computation's
+//     magnitude may therefore rank differently than in the float64 CPU reference. A logit that is
+//     not finite in float32 (a non-finite q or summary value, or overflow) is NaN and ranks last.
 //   attention: fp16/bf16 tensor-core products with float32 accumulation; the softmax weights are
 //     split into a high and a low fp16/bf16 part for P.V, so out is accurate to ~1e-5 of max|v|
 //     (plus the final rounding); lse in float32.
