@@ -63,6 +63,11 @@ constexpr int kCompactWords = 512;  // compaction segment: 32 x 512 candidates, 
 constexpr int kSampleStride = 16;
 constexpr int kSampleMin = kKeyCache + 1;
 constexpr int kGenericStageBytes = 32 * 1024;
+// Scoring CTAs per multiprocessor that the grid is sized for: the 2 resident at once (registers
+// and shared memory), so that the grid runs in one wave. Measured on the H200 against 4 (two
+// waves): select 33.3 -> 28.0 us at B8/32K, 62.6 -> 58.8 at B8/128K, 60.5 -> 58.8 at B32/32K,
+// batch 1 unchanged; 8 was slower (bench/results/h200_2026-12-02_s11).
+constexpr int kCtasPerMultiprocessor = 2;
 
 struct SelectArgs {
   const void* q;
@@ -465,7 +470,18 @@ struct MmaScorer {
 
     // 3. Logits: thread (gid, tq) holds rows gid, gid + 8 of each m-tile and columns 8 nt + 2 tq,
     //    8 nt + 2 tq + 1: with 2 planes both of head 4 nt + tq; with 4 planes, planes 2 (tq & 1)
-    //    and 2 (tq & 1) + 1 of head 2 nt + tq / 2 (the other two in lane ^ 1).
+    //    and 2 (tq & 1) + 1 of head 2 nt + tq / 2 (the other two in lane ^ 1). A head's logit is
+    //    (dot - bias) post rs scale + (q . zero) scale (rs: the row's per-vector scale), one fma
+    //    with the per-head factors below (post is a power of two, so post scale is exact).
+    float mul[kNT], add[kNT], bias[kNT];
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+      const int head = kInt && kPlanes == 4 ? 2 * nt + (tq >> 1) : 4 * nt + tq;
+      const bool ok = head < group;
+      mul[nt] = ok ? s.post[head] * a.scale : 0.0f;
+      add[nt] = ok ? s.qz[head] * a.scale : 0.0f;
+      bias[nt] = ok && kInt && is_signed ? s.bias_xsum[head] : 0.0f;
+    }
     uint32_t* ws_bh = ws_of(a, b, h);
 #pragma unroll
     for (int t = 0; t < kTilesPerWarp; ++t) {
@@ -492,15 +508,13 @@ struct MmaScorer {
               dot = fmaf(static_cast<float>(c1), 256.0f, static_cast<float>(c0));
               head = 4 * nt + tq;
             }
-            if (is_signed && head < group) dot -= s.bias_xsum[head];
           } else {
             dot = c0 + c1;
             head = 4 * nt + tq;
           }
           if (head >= group) continue;
           const float logit =
-              row_ok ? finite_or_nan((dot * s.post[head] * row_scale[t][half] + s.qz[head]) *
-                                     a.scale)
+              row_ok ? finite_or_nan(fmaf(dot - bias[nt], mul[nt] * row_scale[t][half], add[nt]))
                      : NAN;
           best = fmaxf(best, rank_value(logit));
           const bool writer = !kInt || kPlanes == 2 || (tq & 1) == 0;
@@ -1239,16 +1253,17 @@ void run_select_blocks(const SelectBlocksParams& p, void* workspace) {
   a.block_counts = p.block_counts;
   a.bc_stride_batch = p.block_counts_stride_batch;
   a.bc_stride_head = p.block_counts_stride_head;
-  // Candidate blocks per CTA: about 4 CTAs per multiprocessor over the whole grid (2 resident),
-  // from 256 (one scoring pass; small batches, short capacities) to 2048 blocks. Example: 128K
-  // tokens, 8 heads of block sizes {8,8,16,16,16,32,32,64}: 8 sequences -> 1024 blocks per CTA
-  // (528 CTAs), 1 sequence -> 256 (264 CTAs). Chunking never changes a result.
+  // Candidate blocks per CTA: about kCtasPerMultiprocessor CTAs per multiprocessor over the
+  // whole grid, from 256 (one scoring pass; small batches, short capacities) to 2048 blocks.
+  // Example: 128K tokens, 8 heads of block sizes {8,8,16,16,16,32,32,64}: 8 sequences -> 2048
+  // blocks per CTA (264 CTAs), 1 sequence -> 256 (264 CTAs). Chunking never changes a result.
   const int64_t capacity = a.capacity;
   int64_t all_blocks = 0;
   for (int h = 0; h < g.num_kv_heads; ++h) all_blocks += capacity / layout.block_size(h);
   all_blocks *= g.batch;
   a.chunk_blocks = static_cast<int>(
-      clamp64(ceil_div(ceil_div(all_blocks, 4 * multiprocessor_count()), kSubChunk) * kSubChunk,
+      clamp64(ceil_div(ceil_div(all_blocks, kCtasPerMultiprocessor * multiprocessor_count()),
+                       kSubChunk) * kSubChunk,
               kSubChunk, 8 * kSubChunk));
   // Launch order: smallest block size (most candidates, the longest selection) first.
   int order[kCudaMaxKvHeads];
