@@ -1,7 +1,7 @@
 """Decode step on the GPU: absparse against SDPA (flash, cuDNN) and FlexAttention, side by side.
 
 Llama-3.1-8B attention (32 query / 8 KV heads, D 128, bfloat16), pages of 64 tokens scattered over
-the pool, every sequence of the batch at the full context, a token budget of 2048 per KV head
+the pool (in order with --page-order ordered), every sequence of the batch at the full context, a token budget of 2048 per KV head
 (sink 16, local 64). Every op is captured in a CUDA graph and replayed with the L2 flushed before
 each replay (a 256 MiB write outside the timed region); times are medians of CUDA-event times.
 
@@ -107,12 +107,15 @@ def copy_bandwidth() -> float:
 
 
 class Paged:
-    """A paged KV cache of B sequences of length L: pages of one pool in shuffled order."""
+    """A paged KV cache of B sequences of length L: pages of one pool in shuffled order, or in
+    order (sequence b owns pages [b * pages, (b + 1) * pages), as a serving engine's contiguous
+    allocation would give)."""
 
-    def __init__(self, batch: int, length: int, gen: torch.Generator):
+    def __init__(self, batch: int, length: int, gen: torch.Generator, ordered: bool = False):
         pages = -(-length // P)
         self.num_pages = batch * pages + 1
-        order = torch.randperm(self.num_pages, generator=gen)[:batch * pages]
+        order = (torch.arange(batch * pages) if ordered
+                 else torch.randperm(self.num_pages, generator=gen)[:batch * pages])
         self.page_table = order.view(batch, pages).to(torch.int32).cuda()
         self.k = torch.randn(self.num_pages, P, HK, D, dtype=DTYPE, device="cuda")
         self.v = torch.randn(self.num_pages, P, HK, D, dtype=DTYPE, device="cuda")
@@ -177,9 +180,9 @@ def flex_runner(cache: Paged, sdpa_k, sdpa_v, batch: int, length: int, gen: torc
 
 
 def run_shape(batch: int, length: int, layouts, timer: Timer, bandwidth: float, use_flex: bool,
-              gen: torch.Generator) -> list:
+              gen: torch.Generator, ordered: bool = False) -> list:
     rows = []
-    cache = Paged(batch, length, gen)
+    cache = Paged(batch, length, gen, ordered)
     dense_bytes = batch * length * HK * D * 2 * 2
     # SDPA and flex read contiguous [B, Hk, L, D] caches (random values of their own).
     sdpa_k = torch.randn(batch, HK, length, D, dtype=DTYPE, device="cuda")
@@ -292,6 +295,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write all numbers to this JSON file")
     ap.add_argument("--shapes", help="BxL,... (e.g. 1x32768,8x131072): these shapes instead")
     ap.add_argument("--layouts", help="names from LAYOUTS, comma-separated: these layouts instead")
+    ap.add_argument("--page-order", choices=("shuffled", "ordered"), default="shuffled",
+                    help="the paged cache's pages: shuffled over the pool (default) or in order")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or not ab._C.has_cuda:
         print("decode_bench: needs a CUDA device and absparse built with its CUDA kernels",
@@ -319,7 +324,8 @@ def main(argv=None) -> int:
     rows = []
     for batch, length in shapes:
         print(f"B{batch} / {length // 1024}K", file=sys.stderr)
-        rows += run_shape(batch, length, layouts, timer, bandwidth, not args.no_flex, gen)
+        rows += run_shape(batch, length, layouts, timer, bandwidth, not args.no_flex, gen,
+                          args.page_order == "ordered")
     text = table(rows, bandwidth)
     print(text)
     if args.json:
@@ -327,7 +333,8 @@ def main(argv=None) -> int:
                     torch=torch.__version__, absparse=ab.__version__,
                     command="python " + " ".join(sys.argv), copy_bandwidth=bandwidth,
                     wall_s=time.time() - t0, budget=BUDGET, sink=SINK, local=LOCAL,
-                    heads=[HQ, HK], head_dim=D, page_size=P, dtype=str(DTYPE))
+                    heads=[HQ, HK], head_dim=D, page_size=P, dtype=str(DTYPE),
+                    page_order=args.page_order)
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
     return 0
