@@ -174,8 +174,11 @@ def test_report_json_and_plot_on_hand_values(tmp_path):
         pytest.approx(0.1)
     back = QualityResult.from_json(data)
     assert back.budgets == [0.04] and back.diff("ab-quest", "quest", "4%") == d
-    plot_recall(res, tmp_path / "recall.png")
+    colors = plot_recall(res, tmp_path / "recall.png")
     assert (tmp_path / "recall.png").read_bytes()[:4] == b"\x89PNG"
+    # every method its own colour (methods of one base used to share one)
+    assert set(colors) == {"quest", "ab-quest", "ab-quest - quest"}
+    assert colors["quest"] != colors["ab-quest"]
 
 
 @pytest.mark.full

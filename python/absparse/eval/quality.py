@@ -440,12 +440,13 @@ def write_quality_report(result: QualityResult, path: Union[str, Path], header: 
     return text
 
 
-def plot_recall(result: QualityResult, path: Union[str, Path]) -> None:
+def plot_recall(result: QualityResult, path: Union[str, Path]) -> Dict[str, tuple]:
     """Left: attention recall vs budget per method, 95 % interval bands. Right: the paired
     recall differences of the study (quantized - bf16, AB-Sparse - uniform) with their 95 %
     intervals, on a scale where 0.1 points are visible, offset sideways so that coinciding
-    series stay distinguishable. Colour = base, marker = format, line = uniform / AB-Sparse /
-    -mem."""
+    series stay distinguishable. A colour per series (method, or comparison), marker = format,
+    line = uniform / AB-Sparse / -mem (left), format / adaptive / memory comparison (right).
+    Returns the colour of each series drawn (method, or "method - reference")."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -454,18 +455,20 @@ def plot_recall(result: QualityResult, path: Union[str, Path]) -> None:
 
     bk = [budget_key(b) for b in result.budgets]
     x = list(range(len(bk)))
-    colors = {"quest": "tab:blue", "arkvale": "tab:orange", "mean": "tab:green"}
+    palette = plt.get_cmap("tab10").colors
     markers = {"bf16": "o", "int8c": "s", "int4c": "^"}
     fig, (left, right) = plt.subplots(1, 2, figsize=(15, 6))
-    for meth in result.methods:
+    drawn = {}
+    for n, meth in enumerate(result.methods):
         s = parse_method(meth)
+        color = drawn[meth] = palette[n % len(palette)]
         cis = [result.ci(meth, b) for b in bk]
         style = (0, (5, 1)) if s.memory_matched else ("-" if s.adaptive else ":")
-        left.plot(x, [100 * c["mean"] for c in cis], linestyle=style, color=colors[s.base],
+        left.plot(x, [100 * c["mean"] for c in cis], linestyle=style, color=color,
                   marker="D" if s.memory_matched else markers.get(s.format, "x"), label=meth,
                   alpha=0.9)
         left.fill_between(x, [100 * c["lo"] for c in cis], [100 * c["hi"] for c in cis],
-                          color=colors[s.base], alpha=0.08)
+                          color=color, alpha=0.08)
     left.set_xticks(x, bk)
     left.set_xlabel("budget (tokens, or % of the context)")
     left.set_ylabel("attention recall (% of the dense softmax mass), 95 % band")
@@ -482,7 +485,8 @@ def plot_recall(result: QualityResult, path: Union[str, Path]) -> None:
         mean = [100 * d["delta"] for d in ds]
         err = [[100 * (d["delta"] - d["lo"]) for d in ds], [100 * (d["hi"] - d["delta"])
                                                           for d in ds]]
-        right.errorbar(xs, mean, yerr=err, linestyle=styles[kind], color=colors[s.base],
+        drawn[f"{meth} - {ref}"] = palette[i % len(palette)]
+        right.errorbar(xs, mean, yerr=err, linestyle=styles[kind], color=palette[i % len(palette)],
                        marker="D" if s.memory_matched else markers.get(s.format, "x"),
                        capsize=3, label=f"{meth} - {ref}", alpha=0.9)
     right.axhline(0, color="black", lw=0.8)
@@ -498,6 +502,7 @@ def plot_recall(result: QualityResult, path: Union[str, Path]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return drawn
 
 
 # --- command line --------------------------------------------------------------------------------
