@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Nsight Compute (--set full, source counters) of one select launch at B8/128K and B1/128K and one
-# sparse attention launch at B1/128K and B8/128K; details pages in ncu_details.txt, per-line CSVs in ncu.tar.gz.
+# Nsight Compute (--set full, source counters) of one select launch at B8/128K, B32/32K and B1/32K
+# and one sparse attention launch at B8/32K and B1/32K (PROFILES picks a subset); details pages in
+# ncu_details.txt, per-line CSVs in ncu.tar.gz. A variant of ../h200_2026-12-02_s10/profile.sh.
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu | head -1)
 mkdir -p /tmp/ncu
 run() {  # name kernel-regex skip args...
@@ -18,10 +19,6 @@ want select_b32_32k && run select_b32_32k select_kernel 1 --batch 32 --context 3
 want select_b1_32k && run select_b1_32k select_kernel 1 --batch 1 --context 32768
 want attn_b8_32k && run attn_b8_32k attention_kernel 2 --batch 8 --context 32768
 want attn_b1_32k && run attn_b1_32k attention_kernel 2 --batch 1 --context 32768
-
-
-
-
 rm -f /tmp/ncu/*.ncu-rep
 tar czf "$OUT/ncu.tar.gz" -C /tmp/ncu .
 ls -la /tmp/ncu
