@@ -176,9 +176,11 @@ __device__ inline float vector_scale(const SelectArgs& a, SummaryAt at, int r) {
 //     head's largest |X|; a power of two, so x = X exactly for every |X| >= 2^(e - 7) at 30 bits),
 //     each x split into kPlanes balanced signed bytes x = sum_p x_p 256^p, one column each; a
 //     head's dot product is sum_p acc_p 256^p (each acc_p exact, combined in float32) times
-//     2^(e - kXBits). kNT = 2 for groups of up to 4 heads (4 planes, 30-bit x), else 4 (2 planes,
-//     14-bit x). Signed codes (int8 / int4 with per-vector scales, mean kind only) are biased to
-//     unsigned by a flip of the top bit and the bias times sum x is subtracted.
+//     2^(e - kXBits). kNT = 2 for groups of up to 4 heads (4 planes, 30-bit x; column 2 head +
+//     plane % 2 of n-tile plane / 2, so that one thread holds all 4 planes of a head), else 4
+//     (2 planes, 14-bit x; column 2 head + plane over the n-tiles). Signed codes (int8 / int4
+//     with per-vector scales, mean kind only) are biased to unsigned by a flip of the top bit
+//     and the bias times sum x is subtracted.
 //   16-bit values: 2 planes, the high and the low 16-bit part of X (X = hi + lo to ~2^-16
 //     relative); fp16 operands are scaled by a power of two per head so that |X| <= 1. kNT = 1 for
 //     up to 4 heads, else 4.
@@ -235,6 +237,26 @@ struct MmaScorer {
   // byte p of y is d_p + 128 below the top and the top byte is d_top: digit() reads the two's
   // complement byte of d_p from y without a carry chain.
   static constexpr int kDigitOffset = kPlanes == 4 ? 0x808080 : 0x80;
+
+  // Column c (0..7) of n-tile nt holds plane `plane` of head `head` (see the header). The MMA
+  // accumulators of thread (gid, tq) are columns 2 tq and 2 tq + 1 of each n-tile: both planes of
+  // head tq in each n-tile with 4 planes, planes 0 and 1 of head 4 nt + tq with 2 planes.
+  __device__ static void column_head_plane(int nt, int c, int& head, int& plane) {
+    if (kPlanes == 4) {
+      head = c >> 1;
+      plane = 2 * nt + (c & 1);
+    } else {
+      head = (8 * nt + c) / kPlanes;
+      plane = (8 * nt + c) % kPlanes;
+    }
+  }
+  // n-tiles that carry a head of the group (the MMAs and logits of the others are skipped).
+  __device__ static int used_ntiles(int group) {
+    return kPlanes == 4 ? kNT : (kPlanes * group + 7) / 8;
+  }
+  // Heads whose logits one thread holds (slot i: head slot_head(i, tq)).
+  static constexpr int kHeadSlots = kPlanes == 4 ? 1 : kNT;
+  __device__ static int slot_head(int i, int tq) { return kPlanes == 4 ? tq : 4 * i + tq; }
   __device__ static uint32_t digit(int y, int plane) {
     return (static_cast<uint32_t>(y >> (8 * plane)) & 0xFFu) ^ (plane < kPlanes - 1 ? 0x80u : 0u);
   }
@@ -304,14 +326,15 @@ struct MmaScorer {
     }
     __syncthreads();
 
-    // B fragments: column n = kPlanes head + plane.
+    // B fragments: lane ln holds column ln / 4 of each n-tile.
     const int total_steps = a.num_vectors * kStepsPerVector;
-    const int ntiles = (kPlanes * group + 7) / 8;
+    const int ntiles = used_ntiles(group);
     for (int idx = tid; idx < total_steps * ntiles * 32; idx += kThreads) {
       const int ln = idx & 31, nt = (idx >> 5) % ntiles, step = idx / (32 * ntiles);
       const int r = step / kStepsPerVector, sv = step % kStepsPerVector;
       const int c = sv / kStepsPerChunk, j = sv % kStepsPerChunk;
-      const int col = nt * 8 + (ln >> 2), head = col / kPlanes, plane = col % kPlanes;
+      int head, plane;
+      column_head_plane(nt, ln >> 2, head, plane);
       int ch[kSlots];
       step_channels(chunk_channel(c, ln & 3), j, ch);
       uint32_t w[2] = {0u, 0u};
@@ -366,31 +389,36 @@ struct MmaScorer {
     const int gid = lane >> 2, tq = lane & 3;
     const int group = a.group;
     const bool box = a.num_vectors == 2;
-    const int ntiles = (kPlanes * group + 7) / 8;
+    const int ntiles = used_ntiles(group);
     const SummaryFormat format = static_cast<SummaryFormat>(a.format);
     const bool a_bf16 = kBits == 16 && format == SummaryFormat::kBf16;
     const bool is_signed = format == SummaryFormat::kInt8 || format == SummaryFormat::kInt4;
 
-    // 1. Lane L resolves the summary of row L of the warp's blocks (byte offset, per-vector
-    //    scale); the MMA threads take their rows' (m-tile t: blocks j0 + 16 (kTilesPerWarp warp +
-    //    t) + {gid, gid + 8}) by shuffles. Then the summary loads are issued first, so that their
-    //    latency overlaps the query set-up.
+    // 1. Lane L resolves the summary of row L of the warp's blocks (address, per-vector scale);
+    //    the MMA threads take their rows' (m-tile t: blocks j0 + 16 (kTilesPerWarp warp + t) +
+    //    {gid, gid + 8}) by shuffles, as the address of their own thread-chunk of vector 0 (null:
+    //    no summary). Then the summary loads are issued first, so that their latency overlaps the
+    //    query set-up.
     const int jj_mine = lane_row(warp, lane);
-    int64_t at_mine = -1;
+    const uint8_t* row_mine = nullptr;
     float scale_mine = 1.0f;
     if (jj_mine < nb) {
       const SummaryAt at = summary_at_page(a, h, j0 + jj_mine, pages.page);
-      at_mine = byte_offset(a, at);
-      if (at.page >= 0 && a.scales != nullptr) scale_mine = vector_scale(a, at, 0);
+      if (at.page >= 0) {
+        row_mine = a.summaries + byte_offset(a, at);
+        if (a.scales != nullptr) scale_mine = vector_scale(a, at, 0);
+      }
     }
-    int64_t row_at[kTilesPerWarp][2];
+    const uint8_t* row_ptr[kTilesPerWarp][2];
     float row_scale[kTilesPerWarp][2];
 #pragma unroll
     for (int t = 0; t < kTilesPerWarp; ++t) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int src = 16 * t + gid + 8 * half;
-        row_at[t][half] = __shfl_sync(kFullMask, at_mine, src);
+        const uint8_t* row = reinterpret_cast<const uint8_t*>(
+            __shfl_sync(kFullMask, reinterpret_cast<uintptr_t>(row_mine), src));
+        row_ptr[t][half] = row != nullptr ? row + tq * kThreadBytes : nullptr;
         row_scale[t][half] = a.scales != nullptr ? __shfl_sync(kFullMask, scale_mine, src) : 1.0f;
       }
     }
@@ -398,15 +426,16 @@ struct MmaScorer {
     // for the mean kind), streamed through a ring of kDepth registers sets.
     constexpr int kLoads = kTilesPerWarp * kChunks * 2;
     constexpr int kDepth = kThreadBytes == 16 ? 4 : 8;
+    const int64_t vector_stride = a.s_stride_vector;
     auto load = [&](int i, Chunk (&dst)[2]) {
       const int t = i / (2 * kChunks), c = (i / 2) % kChunks, r = i % 2;
-      const int64_t off = r * a.s_stride_vector + (c * 4 + tq) * kThreadBytes;
+      const int64_t off = r * vector_stride + c * 4 * kThreadBytes;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int64_t at = row_at[t][half];
+        const uint8_t* row = row_ptr[t][half];
         dst[half] = Chunk{};
-        if (at >= 0 && (r == 0 || box)) {
-          dst[half] = __ldg(reinterpret_cast<const Chunk*>(a.summaries + at + off));
+        if (row != nullptr && (r == 0 || box)) {
+          dst[half] = __ldg(reinterpret_cast<const Chunk*>(row + off));
         }
       }
     };
@@ -468,61 +497,68 @@ struct MmaScorer {
       }
     }
 
-    // 3. Logits: thread (gid, tq) holds rows gid, gid + 8 of each m-tile and columns 8 nt + 2 tq,
-    //    8 nt + 2 tq + 1: with 2 planes both of head 4 nt + tq; with 4 planes, planes 2 (tq & 1)
-    //    and 2 (tq & 1) + 1 of head 2 nt + tq / 2 (the other two in lane ^ 1). A head's logit is
-    //    (dot - bias) post rs scale + (q . zero) scale (rs: the row's per-vector scale), one fma
-    //    with the per-head factors below (post is a power of two, so post scale is exact).
-    float mul[kNT], add[kNT], bias[kNT];
+    // 3. Logits: thread (gid, tq) holds rows gid, gid + 8 of each m-tile and the heads of its
+    //    slots (column_head_plane). A head's logit is (dot - bias) post rs scale + (q . zero)
+    //    scale (rs: the row's per-vector scale), one fma with the per-head factors below (post is
+    //    a power of two, so post scale is exact). The group reduction is a uniform branch, so
+    //    that each variant compiles to straight-line code.
+    float mul[kHeadSlots], add[kHeadSlots], bias[kHeadSlots];
+    bool used[kHeadSlots];
 #pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-      const int head = kInt && kPlanes == 4 ? 2 * nt + (tq >> 1) : 4 * nt + tq;
-      const bool ok = head < group;
-      mul[nt] = ok ? s.post[head] * a.scale : 0.0f;
-      add[nt] = ok ? s.qz[head] * a.scale : 0.0f;
-      bias[nt] = ok && kInt && is_signed ? s.bias_xsum[head] : 0.0f;
+    for (int i = 0; i < kHeadSlots; ++i) {
+      const int head = slot_head(i, tq);
+      used[i] = head < group && (kPlanes == 4 || i < ntiles);
+      mul[i] = used[i] ? s.post[head] * a.scale : 0.0f;
+      add[i] = used[i] ? s.qz[head] * a.scale : 0.0f;
+      bias[i] = used[i] && kInt && is_signed ? s.bias_xsum[head] : 0.0f;
     }
+    // The logit of slot i for row `half` of m-tile t (NaN for a row without a summary).
+    auto logit_of = [&](int t, int half, int i) {
+      float dot;
+      if constexpr (kInt) {
+        // sum_p acc_p 256^p in float32: each acc_p (|acc_p| < 2^24) and power of two is exact,
+        // the additions round (the same codes always give the same logit).
+        const Acc* p0 = &acc[t][kPlanes == 4 ? 0 : i][2 * half];
+        dot = fmaf(static_cast<float>(p0[1]), 256.0f, static_cast<float>(p0[0]));
+        if (kPlanes == 4) {
+          const Acc* p2 = &acc[t][1][2 * half];
+          const float upper = fmaf(static_cast<float>(p2[1]), 256.0f, static_cast<float>(p2[0]));
+          dot = fmaf(upper, 65536.0f, dot);
+        }
+      } else {
+        dot = acc[t][i][2 * half] + acc[t][i][2 * half + 1];
+      }
+      return row_ptr[t][half] != nullptr
+                 ? finite_or_nan(fmaf(dot - bias[i], mul[i] * row_scale[t][half], add[i]))
+                 : NAN;
+    };
     uint32_t* ws_bh = ws_of(a, b, h);
+    if (a.softmax_sum) {
+      float* logits = reinterpret_cast<float*>(ws_bh);
 #pragma unroll
-    for (int t = 0; t < kTilesPerWarp; ++t) {
+      for (int t = 0; t < kTilesPerWarp; ++t) {
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int jj = 16 * (kTilesPerWarp * warp + t) + gid + 8 * half;
-        const bool row_ok = row_at[t][half] >= 0;
-        float best = -INFINITY;
+        for (int half = 0; half < 2; ++half) {
+          const int jj = 16 * (kTilesPerWarp * warp + t) + gid + 8 * half;
 #pragma unroll
-        for (int nt = 0; nt < kNT; ++nt) {
-          if (kNT > 2 && nt >= ntiles) continue;  // uniform over the warp
-          const Acc c0 = acc[t][nt][2 * half], c1 = acc[t][nt][2 * half + 1];
-          int head;
-          float dot;
-          if constexpr (kInt) {
-            // sum_p acc_p 256^p in float32: each acc_p (|acc_p| < 2^24) and power of two is
-            // exact, the additions round (the same codes always give the same logit).
-            if (kPlanes == 4) {
-              const float w = (tq & 1) ? 65536.0f : 1.0f;  // planes 2 (tq & 1), 2 (tq & 1) + 1
-              dot = fmaf(static_cast<float>(c1), 256.0f * w, static_cast<float>(c0) * w);
-              dot += __shfl_xor_sync(kFullMask, dot, 1);  // commutative: both lanes agree
-              head = 2 * nt + (tq >> 1);
-            } else {
-              dot = fmaf(static_cast<float>(c1), 256.0f, static_cast<float>(c0));
-              head = 4 * nt + tq;
+          for (int i = 0; i < kHeadSlots; ++i) {
+            if (used[i] && jj < nb) {
+              logits[slot_head(i, tq) * a.ws_row + j0 + jj] = logit_of(t, half, i);
             }
-          } else {
-            dot = c0 + c1;
-            head = 4 * nt + tq;
-          }
-          if (head >= group) continue;
-          const float logit =
-              row_ok ? finite_or_nan(fmaf(dot - bias[nt], mul[nt] * row_scale[t][half], add[nt]))
-                     : NAN;
-          best = fmaxf(best, rank_value(logit));
-          const bool writer = !kInt || kPlanes == 2 || (tq & 1) == 0;
-          if (a.softmax_sum && jj < nb && writer) {
-            reinterpret_cast<float*>(ws_bh)[head * a.ws_row + j0 + jj] = logit;
           }
         }
-        if (!a.softmax_sum) {
+      }
+    } else {
+#pragma unroll
+      for (int t = 0; t < kTilesPerWarp; ++t) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int jj = 16 * (kTilesPerWarp * warp + t) + gid + 8 * half;
+          float best = -INFINITY;
+#pragma unroll
+          for (int i = 0; i < kHeadSlots; ++i) {
+            if (used[i]) best = fmaxf(best, rank_value(logit_of(t, half, i)));
+          }
           best = fmaxf(best, __shfl_xor_sync(kFullMask, best, 1));
           best = fmaxf(best, __shfl_xor_sync(kFullMask, best, 2));
           if (tq == 0 && jj < nb) ws_bh[j0 + jj] = score_key(best);
