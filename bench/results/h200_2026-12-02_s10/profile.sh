@@ -1,17 +1,8 @@
 #!/usr/bin/env bash
 # Nsight Compute (--set full, source counters) of one select launch at B8/128K and B1/128K and one
 # sparse attention launch at B1/128K and B8/128K; details pages in ncu_details.txt, per-line CSVs in ncu.tar.gz.
-NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu | head -1)
 mkdir -p /tmp/ncu
-run() {  # name kernel-regex skip args...
-  local name=$1 kernel=$2 skip=$3; shift 3
-  $NCU --clock-control none --set full --import-source yes -k "regex:$kernel" -s "$skip" -c 1 \
-    -f -o "/tmp/ncu/$name" python3 bench/profile_step.py "$@" > /tmp/ncu/$name.log 2>&1
-  echo "######## $name" >> "$OUT/ncu_details.txt"
-  $NCU -i "/tmp/ncu/$name.ncu-rep" --page details >> "$OUT/ncu_details.txt" 2>&1
-  $NCU -i "/tmp/ncu/$name.ncu-rep" --page source --csv --print-source cuda > "/tmp/ncu/${name}_cuda.csv" 2>&1
-  $NCU -i "/tmp/ncu/$name.ncu-rep" --page source --csv --print-source sass > "/tmp/ncu/${name}_sass.csv" 2>&1
-}
+run() { bash bench/ncu_kernel.sh "$@"; }  # name kernel-regex skip args...
 want() { [[ " ${PROFILES:-select_b8_128k select_b1_128k attn_b1_128k attn_b8_128k} " == *" $1 "* ]]; }
 want select_b8_128k && run select_b8_128k select_kernel 1 --batch 8 --context 131072
 want select_b1_128k && run select_b1_128k select_kernel 1 --batch 1 --context 131072
